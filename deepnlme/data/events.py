@@ -18,6 +18,10 @@ Rules, beyond NONMEM's own:
   the rows of a subject must be contiguous.
 * Covariates may vary in time: missing cells take the last value of the subject (the first
   value for leading missing cells); a subject with no value at all is an error.
+* IDs are compared as written (``1`` and ``01`` are different subjects); subjects keep the
+  order of their first row.
+* Empty trailing header names (a separator after the last column) are ignored; an empty name
+  between columns is an error.
 * Entirely empty lines are skipped but still counted in the row numbering, so ``row r`` is
   always the r-th record under the header. Trailing empty fields beyond the header are allowed.
 
@@ -118,6 +122,8 @@ def _read_records(path: str | Path, source: str) -> tuple[list[str], list[int], 
     if not records or not any(h.strip() for h in records[0]):
         raise DataValidationError(f"{source}: row 0, column ID: the file has no header line")
     header = [h.strip() for h in records[0]]
+    while not header[-1]:
+        header.pop()  # trailing separators after the last column name
     width = len(header)
     index: list[int] = []
     rows: list[list[str]] = []
@@ -144,6 +150,10 @@ def _canonical_columns(header: list[str], report: _Reporter) -> list[str]:
     seen: dict[str, int] = {}
     canonical = []
     for pos, name in enumerate(header):
+        if not name:
+            raise DataValidationError(
+                f"{report.source}: row 0, column {pos + 1}: the column has no name"
+            )
         upper = name.upper()
         if upper in seen:
             first = seen[upper]
@@ -165,8 +175,8 @@ def _check_columns(canonical: list[str], header: list[str], report: _Reporter) -
     dosing = [c for c in DOSING_COLUMNS if c in canonical]
     if dosing and "AMT" not in canonical:
         raise report.error(
-            0, "AMT", f"column AMT is required with a {report.columns[dosing[0]]} column; "
-            f"columns: {listing}"
+            0, "AMT", f"column AMT is required when column {report.columns[dosing[0]]} is "
+            f"present; columns: {listing}"
         )
 
 
@@ -265,8 +275,8 @@ def _check_domains(num: dict[str, pd.Series], report: _Reporter) -> None:
 # ------------------------------------------------------------------- defaults and semantics
 def _with_defaults(num: dict[str, pd.Series], index: pd.Index) -> pd.DataFrame:
     """Event columns with NONMEM defaults filled in (see the module docstring)."""
-    zeros = pd.Series(0.0, index=index)
-    get = {c: num.get(c, zeros) for c in NUMERIC_COLUMNS}
+    absent = pd.Series(np.nan, index=index, dtype="float64")
+    get = {c: num.get(c, absent) for c in NUMERIC_COLUMNS}
     amt = get["AMT"].fillna(0.0)
     evid = get["EVID"].fillna((amt > 0).astype("float64"))
     mdv = get["MDV"].fillna((evid != 0).astype("float64"))

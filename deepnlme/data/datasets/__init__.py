@@ -42,7 +42,8 @@ def load_dataset(
         dtype: floating dtype; torch's default when None.
         covariates: covariate columns; all of the dataset's covariates when None.
     """
-    covs = DATASETS[name] if covariates is None and name in DATASETS else covariates or ()
-    pop = load_population(dataset_path(name), covariates=covs, dtype=dtype)
+    path = dataset_path(name)
+    covs = DATASETS[name] if covariates is None else covariates
+    pop = load_population(path, covariates=covs, dtype=dtype)
     pop.source = name
     return pop

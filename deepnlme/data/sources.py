@@ -1,0 +1,93 @@
+"""Data configuration -> :class:`Population`: one entry point for every kind of data source.
+
+A data source is named by ``name``:
+
+* ``"csv"``: a NONMEM-style event table at ``path`` (:func:`~deepnlme.data.load_population`);
+* a bundled dataset (``"theophylline"``, ``"phenobarbital"``; :func:`~deepnlme.data.load_dataset`);
+* ``"synthetic_pk"``: :func:`deepnlme.data.synthetic.synthetic_pk`, called with the source's
+  extra keyword arguments (e.g. ``n_subjects``, ``seed``).
+
+``covariates`` lists the covariate columns to keep (in that order); for the synthetic source an
+empty list keeps all of them. Plain Python only: no Hydra, no devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from deepnlme.data.build import load_population
+from deepnlme.data.datasets import DATASETS, load_dataset
+from deepnlme.data.population import Population
+
+#: Keys of a data config that describe the train/held-out split, not the source.
+SPLIT_KEYS = ("heldout_fraction", "split_seed")
+SYNTHETIC = ("synthetic_pk",)
+
+
+def source_names() -> list[str]:
+    """Every accepted ``name``."""
+    return ["csv", *sorted(DATASETS), *SYNTHETIC]
+
+
+def select_covariates(pop: Population, names: Sequence[str]) -> Population:
+    """Keep only the covariates ``names`` (in that order); ``(N, C)`` -> ``(N, len(names))``.
+
+    Raises:
+        ValueError: a name is not a covariate of ``pop``.
+    """
+    missing = [n for n in names if n not in pop.covariate_names]
+    if missing:
+        raise ValueError(
+            f"{pop.source or 'the data'} has no covariate(s) {missing}; "
+            f"available: {pop.covariate_names}"
+        )
+    index = [pop.covariate_names.index(n) for n in names]
+    return replace(
+        pop,
+        covariate_names=list(names),
+        covariates=pop.covariates[:, index],
+        obs_covariates=pop.obs_covariates[..., index],
+    )
+
+
+def load_source(
+    name: str,
+    path: str | None = None,
+    covariates: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+    **extra: Any,
+) -> Population:
+    """Load the data source ``name`` as a :class:`Population` (all subjects, float ``dtype``).
+
+    Raises:
+        DataValidationError: the table is unusable (message names file, row and column).
+        ValueError: unknown ``name``, missing ``path``, unknown keys or covariates.
+    """
+    covariates = [str(c) for c in covariates]
+    if name in SYNTHETIC:
+        from deepnlme.data.synthetic import synthetic_pk  # optional part of the package
+
+        pop = synthetic_pk(dtype=dtype, **extra)
+        return select_covariates(pop, covariates) if covariates else pop
+    if extra:
+        raise ValueError(f"data source {name!r} takes no options {sorted(extra)}")
+    if name == "csv":
+        if not path:
+            raise ValueError("data source 'csv' needs a file: set data.path=FILE.csv")
+        return load_population(path, covariates=covariates, dtype=dtype)
+    if name in DATASETS:
+        return load_dataset(name, dtype=dtype, covariates=covariates)
+    raise ValueError(f"unknown data source {name!r}; available: {', '.join(source_names())}")
+
+
+def load_from_config(config: Mapping[str, Any], dtype: torch.dtype | None = None) -> Population:
+    """:func:`load_source` from a data config mapping (split keys are ignored here)."""
+    options = {k: v for k, v in config.items() if k not in SPLIT_KEYS}
+    name = options.pop("name", None)
+    if name is None:
+        raise ValueError(f"data config needs a 'name' (one of {', '.join(source_names())})")
+    return load_source(str(name), dtype=dtype, **options)

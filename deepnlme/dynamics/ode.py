@@ -1,0 +1,359 @@
+"""General dynamics by numerical integration (torchdiffeq), batched over subjects.
+
+``OdeDynamics(rhs, compartments, ...)`` integrates ``dA/dt = rhs(t, A, indiv) + infusions``
+with doses applied as in NONMEM (see :mod:`deepnlme.dynamics.dosing`):
+
+* every subject is integrated over its own sorted sequence of events (dose starts, infusion
+  ends, steady-state starts, observations). Step ``k`` integrates, for all subjects at once,
+  the segment ``[a_k, b_k]`` between a subject's events ``k-1`` and ``k``, re-parametrised to
+  ``s in [0, 1]`` (``t = a_k + s·(b_k - a_k)``), so one batched ``odeint`` call handles one
+  segment of every subject and no dose discontinuity is smoothed over;
+* boluses are jumps added at their (lagged) time; infusions add a constant rate input on the
+  segments they cover; observations at a dose time see the dose;
+* a new epoch (reset) sets the state to zero at the first event of the epoch (exact for
+  systems whose state stays at zero without input, e.g. all linear models);
+* a steady-state dose (SS 1 or 2, interval II) adds, at its record time, the state of the
+  periodic orbit of its infinite dose train (same lag, duration and amount every II). The
+  orbit is the fixed point of the map "integrate one dosing interval", found by Newton
+  iterations from zero (Jacobian of the map by autograd; one step is exact for a linear
+  ``rhs``, a few for a nonlinear one) until the Newton step is below
+  ``ss_atol + ss_rtol·|A|``. SS=2 adds this state to the current one (superposition, as
+  NONMEM). Doses of the train that are still infusing at the record time continue after it.
+  Lag >= II is not supported here (the closed forms support it).
+
+Gradients flow through ``odeint`` by ordinary autograd (``rhs`` may be an ``nn.Module``); the
+steady state's gradient follows the implicit function theorem (exact for a linear ``rhs``,
+first-order exact otherwise). An ``rhs`` may define ``prepare(indiv) -> dict`` to compute
+per-subject quantities once per forward (e.g. a rate matrix); the returned dict (tensors with
+subjects on the first axis) is what ``rhs`` then receives as ``indiv``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchdiffeq import odeint
+
+from deepnlme.data.population import Population
+from deepnlme.dynamics.base import Dynamics
+from deepnlme.dynamics.closed_form import (
+    LinearCompartmentModel,
+    OneCmtIV,
+    OneCmtOral,
+    TwoCmtIV,
+    TwoCmtOral,
+)
+from deepnlme.dynamics.dosing import Doses, resolve_doses
+
+__all__ = ["LinearRhs", "OdeDynamics"]
+
+Rhs = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
+
+
+def _row_max_rms(x: Tensor) -> Tensor:
+    """Error norm for batched subjects: the largest per-subject RMS (rows = subjects).
+
+    Detached: step sizes are not differentiated (and a zero error gives no NaN gradient).
+    """
+    x = x.detach()
+    if x.dim() < 2:
+        return x.pow(2).mean().sqrt()
+    return x.pow(2).flatten(1).mean(1).sqrt().max()
+
+
+class LinearRhs(nn.Module):
+    """``rhs(t, A, indiv) = K(indiv) A`` for a closed-form linear model's rate matrix."""
+
+    def __init__(self, model: LinearCompartmentModel):
+        super().__init__()
+        self.model = model
+
+    def prepare(self, indiv: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``indiv`` plus its rate matrix ``"_rate_matrix"`` ``(N, C, C)``, built once."""
+        return {**indiv, "_rate_matrix": self.model.rate_matrix(indiv)}
+
+    def forward(self, t: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
+        """``t`` ``(N,)``, ``amounts`` ``(N, C)`` -> ``dA/dt`` ``(N, C)`` (amount/time)."""
+        k = indiv["_rate_matrix"] if "_rate_matrix" in indiv else self.model.rate_matrix(indiv)
+        return torch.einsum("nij,nj->ni", k, amounts)
+
+
+class OdeDynamics(Dynamics):
+    """Dynamics defined by a right-hand side, integrated numerically with doses as events.
+
+    Args:
+        rhs: ``rhs(t, amounts, indiv) -> dA/dt``; ``t`` ``(N,)`` per-subject times,
+            ``amounts`` ``(N, C)``, ``indiv`` dict of ``(N, ...)`` tensors; returns ``(N, C)``
+            in amount/time, excluding dosing inputs. A callable or an ``nn.Module``.
+        compartments: compartment names (CMT numbering is 1-based in this order).
+        default_dose_cmt, default_obs_cmt: 1-based CMT used where the data says 0.
+        required: individual parameters ``rhs`` needs.
+        method, rtol, atol, options: passed to :func:`torchdiffeq.odeint`; the default error
+            norm is the largest per-subject RMS, so that no subject is under-resolved.
+        ss_rtol, ss_atol: steady-state tolerance on the Newton step (default 10× rtol / atol).
+        ss_max_iter: most Newton steps towards steady state.
+    """
+
+    def __init__(
+        self,
+        rhs: Rhs,
+        compartments: Sequence[str],
+        default_dose_cmt: int = 1,
+        default_obs_cmt: int = 1,
+        required: Sequence[str] = (),
+        *,
+        method: str = "dopri5",
+        rtol: float = 1e-6,
+        atol: float = 1e-9,
+        options: dict | None = None,
+        ss_rtol: float | None = None,
+        ss_atol: float | None = None,
+        ss_max_iter: int = 50,
+    ):
+        super().__init__()
+        self.rhs = rhs
+        self.compartments = tuple(compartments)
+        self.default_dose_cmt = int(default_dose_cmt)
+        self.default_obs_cmt = int(default_obs_cmt)
+        self.required = tuple(required)
+        self.method = method
+        self.rtol = rtol
+        self.atol = atol
+        self.options = {"norm": _row_max_rms, **(options or {})}
+        self.ss_rtol = 10 * rtol if ss_rtol is None else ss_rtol
+        self.ss_atol = 10 * atol if ss_atol is None else ss_atol
+        self.ss_max_iter = ss_max_iter
+
+    # ------------------------------------------------------------------ linear models
+    @classmethod
+    def linear(cls, model: LinearCompartmentModel | type, **kwargs) -> OdeDynamics:
+        """ODE version of a closed-form linear model (instance or class); ``kwargs`` go to
+        the constructor (solver options)."""
+        model = model() if isinstance(model, type) else model
+        return cls(
+            LinearRhs(model),
+            model.compartments,
+            model.default_dose_cmt,
+            model.default_obs_cmt,
+            model.required,
+            **kwargs,
+        )
+
+    @classmethod
+    def one_cmt_iv(cls, **kwargs) -> OdeDynamics:
+        return cls.linear(OneCmtIV, **kwargs)
+
+    @classmethod
+    def one_cmt_oral(cls, **kwargs) -> OdeDynamics:
+        return cls.linear(OneCmtOral, **kwargs)
+
+    @classmethod
+    def two_cmt_iv(cls, **kwargs) -> OdeDynamics:
+        return cls.linear(TwoCmtIV, **kwargs)
+
+    @classmethod
+    def two_cmt_oral(cls, **kwargs) -> OdeDynamics:
+        return cls.linear(TwoCmtOral, **kwargs)
+
+    # ------------------------------------------------------------------ integration
+    def _integrate(
+        self, x: Tensor, start: Tensor, length: Tensor, rate: Tensor, indiv: Mapping[str, Tensor]
+    ) -> Tensor:
+        """State after integrating rows of ``x`` ``(B, C)`` from ``start`` over ``length``
+        (both ``(B,)``, time units) with the constant input ``rate`` ``(B, C)``."""
+        scale = length[:, None]
+
+        def func(s: Tensor, y: Tensor) -> Tensor:
+            return scale * (self.rhs(start + s * length, y, indiv) + rate)
+
+        grid = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+        sol = odeint(
+            func, x, grid, method=self.method, rtol=self.rtol, atol=self.atol, options=self.options
+        )
+        return sol[-1]
+
+    @staticmethod
+    def _newton_step(
+        interval: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One Newton step towards the fixed point of the one-interval map ``interval``.
+
+        ``x`` ``(B, C)`` is a constant (detached) guess. Returns ``x + step`` and ``step``,
+        ``step = (I - J)^{-1} (interval(x) - x)`` with ``J = d interval / dx`` per row. With
+        ``create_graph`` the result carries the dependence on the parameters through
+        ``interval(x)`` and ``J`` (implicit-function-theorem gradients: exact to all orders for
+        a linear ``rhs``); otherwise it is detached.
+        """
+        n_cmt = x.shape[-1]
+        eye = torch.eye(n_cmt, dtype=x.dtype, device=x.device)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            y = interval(xr)
+            # rows of J for all subjects at once: one vectorised backward per compartment
+            basis = eye[:, None, :].expand(n_cmt, *y.shape)
+            (jac,) = torch.autograd.grad(
+                y, xr, basis, create_graph=create_graph, is_grads_batched=True
+            )
+        jac = jac.transpose(0, 1)  # (B, C, C): jac[b, j, i] = dy_j / dx_i
+        step = torch.linalg.solve(eye - jac, (y - x)[..., None])[..., 0]
+        if not create_graph:
+            step = step.detach()
+        return x + step, step
+
+    def _steady_states(
+        self, indiv: Mapping[str, Tensor], doses: Doses, bolus: Tensor, rate: Tensor
+    ) -> Tensor:
+        """State ``(N, D, C)`` at the record time of each SS dose (zero for other doses)
+        on the periodic orbit of its infinite dose train."""
+        n_idx, d_idx = doses.ss.nonzero(as_tuple=True)
+        lag = doses.lag[n_idx, d_idx]
+        ii = doses.ii[n_idx, d_idx]
+        dur = doses.duration[n_idx, d_idx]
+        if bool((lag >= ii).any()):
+            raise ValueError("OdeDynamics: steady-state doses with lag time >= II not supported")
+        t0 = doses.record_time[n_idx, d_idx] - ii  # one interval before the record time
+        b = bolus[n_idx, d_idx]
+        r = rate[n_idx, d_idx]
+        zero_rate = torch.zeros_like(r)
+        ind = {
+            k: v[n_idx] if isinstance(v, Tensor) and v.dim() >= 1 else v for k, v in indiv.items()
+        }
+        # one interval in phase [0, II): tail of the previous infusion on [0, w), bolus or
+        # infusion start at the lag, infusion until e1
+        w = torch.clamp(lag + dur - ii, min=0.0)
+        e1 = torch.minimum(lag + dur, ii)
+        zero = torch.zeros_like(lag)
+        segments = [(zero, w, r), (w, lag, zero_rate), (lag, e1, r), (e1, ii, zero_rate)]
+        needed = torch.stack([(hi - lo > 0).any() for lo, hi, _ in segments]).tolist()
+
+        def one_interval(x: Tensor) -> Tensor:
+            for j, (lo, hi, rt) in enumerate(segments):
+                if needed[j]:
+                    x = self._integrate(x, t0 + lo, hi - lo, rt, ind)
+                if j == 1:
+                    x = x + b
+            return x
+
+        x = torch.zeros_like(b).detach()
+        err_prev = float("inf")
+        inputs = [b, r, lag, ii, dur, t0, *(v for v in ind.values() if isinstance(v, Tensor))]
+        if isinstance(self.rhs, nn.Module):
+            inputs += list(self.rhs.parameters())
+        graph = torch.is_grad_enabled() and any(v.requires_grad for v in inputs)
+        for it in range(self.ss_max_iter):
+            # the first step (from zero) is never the last: no graph needed
+            fixed, step = self._newton_step(one_interval, x, graph and it > 0)
+            scale = self.ss_atol + self.ss_rtol * fixed.detach().abs()
+            err = float((step.detach().abs() / scale).max()) if step.numel() else 0.0
+            if err <= 1.0 or err > 0.5 * err_prev:  # converged, or at the solver's noise floor
+                if err > 100.0:
+                    warnings.warn(
+                        f"OdeDynamics: steady state stalled at {err:.3g}x the SS tolerance",
+                        stacklevel=3,
+                    )
+                if graph and it == 0:  # keep the parameters' graph
+                    fixed, step = self._newton_step(one_interval, x, True)
+                break
+            err_prev = err
+            x = fixed.detach()
+        else:
+            warnings.warn(
+                f"OdeDynamics: steady state not reached in {self.ss_max_iter} Newton steps",
+                stacklevel=3,
+            )
+        x = fixed
+        out = torch.zeros(*doses.ss.shape, b.shape[-1], dtype=x.dtype, device=x.device)
+        return out.index_put((n_idx, d_idx), x)
+
+    def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
+        """Amounts ``(N, T, n_compartments)`` at ``pop.obs_time`` (0 in padding slots)."""
+        self.check_params(indiv)
+        doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
+        prepare = getattr(self.rhs, "prepare", None)
+        rhs_indiv = prepare(indiv) if prepare is not None else indiv
+        n_cmt = len(self.compartments)
+        dtype = torch.promote_types(doses.amount.dtype, pop.obs_time.dtype)
+        onehot = F.one_hot(doses.cmt, n_cmt).to(dtype)  # (N, D, C)
+        is_inf = doses.duration > 0
+        bolus = onehot * torch.where(is_inf, 0.0, doses.amount)[..., None]
+        rate = onehot * doses.rate[..., None]
+        start = doses.time
+        end = start + doses.duration
+        no_jump = torch.zeros_like(bolus)
+
+        # events: (time, valid, epoch, jump); ties keep this order, observations last
+        events = [(start, doses.mask, doses.epoch, bolus), (end, is_inf, doses.epoch, no_jump)]
+        inputs = [(start, end, is_inf, doses.epoch, rate)]  # infusions: start, end, valid, ...
+        if doses.flags.ss:
+            x_ss = self._steady_states(rhs_indiv, doses, bolus, rate)
+            tail_end = start - doses.ii + doses.duration
+            tail = doses.ss & is_inf & (tail_end > doses.record_time)
+            events += [
+                (doses.record_time, doses.ss, doses.epoch, x_ss),
+                (tail_end, tail, doses.epoch, no_jump),
+            ]
+            inputs.append((doses.record_time, tail_end, tail, doses.epoch, rate))
+        n_dose_events = sum(e[0].shape[1] for e in events)
+        obs_jump = bolus.new_zeros(*pop.obs_time.shape, n_cmt)
+        events.append((pop.obs_time, pop.obs_mask, pop.obs_epoch, obs_jump))
+
+        times = torch.cat([e[0].to(dtype) for e in events], 1)  # (N, K)
+        valid = torch.cat([e[1] for e in events], 1)
+        epochs = torch.cat([e[2] for e in events], 1)
+        jumps = torch.cat([e[3] for e in events], 1)  # (N, K, C)
+
+        # sort every subject's events by (epoch, time), stable
+        key_t = torch.where(valid, times, torch.inf).detach()
+        key_e = torch.where(valid, epochs, torch.iinfo(epochs.dtype).max)
+        o1 = torch.argsort(key_t, dim=1, stable=True)
+        order = o1.gather(1, torch.argsort(key_e.gather(1, o1), dim=1, stable=True))
+        n_events = max(int(valid.sum(1).max()), 1) if valid.numel() else 1
+        order_k = order[:, :n_events]
+        g = times.gather(1, order_k)
+        v = valid.gather(1, order_k)
+        e = epochs.gather(1, order_k)
+        jumps = jumps.gather(1, order_k[..., None].expand(-1, -1, n_cmt))
+        g = torch.where(v, g, 0.0)
+
+        # segment k runs from event k-1 to event k within one epoch
+        g_prev = torch.cat([g[:, :1], g[:, :-1]], 1)
+        v_prev = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
+        e_prev = torch.cat([e[:, :1], e[:, :-1]], 1)
+        same = v_prev & (e == e_prev)
+        seg = same & v
+        length = torch.where(seg, g - g_prev, 0.0)
+        seg_start = torch.where(seg, g_prev, 0.0)
+
+        # constant infusion input on each segment (N, K, C)
+        i_start, i_end, i_valid, i_epoch, i_rate = (
+            torch.cat(z, 1) for z in zip(*inputs, strict=True)
+        )
+        covers = (
+            i_valid[:, None, :]
+            & (i_start[:, None, :] <= g_prev[:, :, None])
+            & (i_end[:, None, :] >= g[:, :, None])
+            & (i_epoch[:, None, :] == e[:, :, None])
+        )
+        seg_rate = torch.einsum("nkj,njc->nkc", covers.to(dtype), i_rate)
+
+        needed = (length > 0).any(0).tolist()
+        x = jumps.new_zeros(jumps.shape[0], n_cmt)
+        states = []
+        for k in range(n_events):
+            x = torch.where(same[:, k, None], x, 0.0)
+            if needed[k]:
+                x = self._integrate(x, seg_start[:, k], length[:, k], seg_rate[:, k], rhs_indiv)
+            x = x + jumps[:, k]
+            states.append(x)
+        states = torch.stack(states, 1)  # (N, K', C)
+
+        inverse = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        pos = inverse[:, n_dose_events:].clamp(max=n_events - 1)  # (N, T)
+        amounts = states.gather(1, pos[..., None].expand(-1, -1, n_cmt))
+        return torch.where(pop.obs_mask[..., None], amounts, 0.0)
