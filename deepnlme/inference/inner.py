@@ -30,9 +30,19 @@ class InnerOptions:
 
 @dataclass
 class InnerResult:
+    """Modes and the last evaluation at them.
+
+    ``nll``, ``grad`` and ``hessian`` belong to the returned ``eta`` (a leaf that requires
+    grad); with ``keep_graph`` they keep their graph to ``eta`` and to the model's
+    parameters, otherwise they are detached.
+    """
+
     eta: Tensor  # (N, K) modes
-    n_iter: int
-    converged: Tensor  # (N,) bool
+    nll: Tensor  # (N,) l_i at eta
+    grad: Tensor  # (N, K) ∂l/∂η at eta
+    hessian: Tensor  # (N, K, K) exact Hessian of l at eta
+    n_iter: int  # Hessian evaluations
+    converged: Tensor  # (N,) bool: gradient below gtol (or within 1000·gtol at the precision limit)
     max_grad: float
 
 
@@ -47,44 +57,74 @@ def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
     return -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
 
 
+def _evaluate_subjects(
+    joint: NegLogJoint, eta: Tensor, pop: Population, v0: Tensor | None, which: Tensor
+) -> Tensor:
+    """l_i(η_i) ``(N,)`` for the subjects flagged in ``which`` (others +inf).
+
+    Evaluates only those subjects when they are few, the whole batch otherwise.
+    """
+    n = eta.shape[0]
+    count = int(which.sum())
+    if count > n // 4:
+        return torch.where(which, joint(eta, pop, v0).nll, torch.inf)
+    idx = which.nonzero().squeeze(-1)
+    sub_v0 = None if v0 is None else v0[idx]
+    sub = pop.subset(idx)
+    if sub_v0 is not None:
+        sub_v0 = sub_v0[:, : sub.obs_time.shape[1]]
+    out = eta.new_full((n,), torch.inf)
+    out[idx] = joint(eta[idx], sub, sub_v0).nll
+    return out
+
+
 def find_modes(
     joint: NegLogJoint,
     eta0: Tensor,
     pop: Population,
     variance0: Tensor | None = None,
     options: InnerOptions | None = None,
+    keep_graph: bool = False,
 ) -> InnerResult:
-    """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``; no graph is kept."""
+    """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
+
+    With ``keep_graph`` the derivatives at the returned modes keep their graph (the Laplace
+    objective and its implicit gradient are built from them without evaluating again).
+    """
     opts = options or InnerOptions()
     eta = eta0.detach().clone()
     n = eta.shape[0]
     lam = torch.full((n,), opts.lambda_init, dtype=eta.dtype, device=eta.device)
-    max_grad = float("inf")
-    converged = torch.zeros(n, dtype=torch.bool, device=eta.device)
+    stalled = torch.zeros(n, dtype=torch.bool, device=eta.device)  # at the precision limit
+    v0 = variance0 if variance0 is None or keep_graph else variance0.detach()
     it = 0
-    with torch.no_grad():
-        v0 = None if variance0 is None else variance0.detach()
-        for it in range(1, opts.max_iter + 1):
-            with torch.enable_grad():
-                nll, grad, matrix = joint.exact_hessian(eta, pop, v0)
-            nll, grad, matrix = nll.detach(), grad.detach(), matrix.detach()
-            gmax = grad.abs().amax(-1)
-            converged = gmax < opts.gtol
-            max_grad = float(gmax.max()) if n else 0.0
-            if bool(converged.all()):
-                break
-            # Try damped steps until every unconverged subject improved or gave up.
-            for _ in range(30):
-                step = _damped_solve(matrix, grad, lam)
-                trial = joint(eta + step, pop, v0).nll
-                better = (trial <= nll) & torch.isfinite(trial) & ~converged
+    while True:
+        it += 1
+        leaf = eta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            nll, grad, hess = joint.exact_hessian(leaf, pop, v0, create_graph=keep_graph)
+        if not keep_graph:
+            nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
+        g, h, f = grad.detach(), hess.detach(), nll.detach()
+        gmax = g.abs().amax(-1)
+        converged = gmax < opts.gtol
+        if bool((converged | stalled).all()) or it > opts.max_iter:
+            break
+        # Damped steps until each moving subject found a lower l or its λ hit the cap.
+        with torch.no_grad():
+            moving = ~converged & ~stalled
+            v_trial = None if v0 is None else v0.detach()
+            noise = 1e-13 * (1.0 + f.abs())  # rounding level of l: no real change below it
+            while bool(moving.any()):
+                step = _damped_solve(h, g, lam)
+                trial = _evaluate_subjects(joint, eta + step, pop, v_trial, moving)
+                better = moving & (trial <= f + noise) & torch.isfinite(trial)
                 eta = torch.where(better[:, None], eta + step, eta)
-                lam = torch.where(better, lam / 3.0, (lam * 4.0).clamp(max=opts.lambda_max))
-                lam = lam.clamp(min=1e-12)
-                pending = ~better & ~converged & (lam < opts.lambda_max)
-                if not bool(pending.any()):
-                    break
-                # Only subjects still waiting for an acceptable step try again.
-                grad = torch.where(pending[:, None], grad, torch.zeros_like(grad))
-                converged = converged | ~pending
-    return InnerResult(eta, it, converged, max_grad)
+                lam = torch.where(better, (lam / 3.0).clamp(min=1e-12), lam)
+                failed = moving & ~better
+                lam = torch.where(failed, lam * 4.0, lam)
+                stalled = stalled | (failed & (lam > opts.lambda_max))
+                moving = failed & ~stalled
+    converged = converged | (stalled & (gmax < opts.gtol * 1e3))
+    max_grad = float(gmax.max()) if n else 0.0
+    return InnerResult(leaf, nll, grad, hess, it, converged, max_grad)

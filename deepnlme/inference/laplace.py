@@ -8,12 +8,12 @@ For each subject, with l_i(η) = -log p(y_i|η) - log p(η) and its mode η̂_i,
 ``hessian="expected"`` takes the expected information Ω⁻¹ + Σ_t [∂μ∂μᵀ/V + ½ ∂V∂Vᵀ/V²]
 (NONMEM's FOCEI; with ``interaction=False`` the residual variance is taken at η = 0 and
 this is NONMEM's FOCE). Gradients with respect to the fixed effects flow through the mode
-by the implicit-function theorem: one differentiable Newton step from the converged mode.
+by the implicit-function theorem (in adjoint form, see :meth:`LaplaceEstimator.subject_loglik`).
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from deepnlme.data.population import Population
 from deepnlme.inference.inner import InnerOptions, find_modes
 from deepnlme.inference.joint import NegLogJoint
 from deepnlme.model.base import NLMEModel
+from deepnlme.model.domains import LOG_2PI
 
 
 class LaplaceEstimator:
@@ -66,33 +67,75 @@ class LaplaceEstimator:
         self._eta_hat = None
 
     # ------------------------------------------------------------- the method
-    def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
-        """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
-        k = self.model.n_eta
+    def _terms(self, pop: Population, warm_start: bool) -> _LaplaceTerms:
+        """Find the modes and build l, ∇_η l and log det H at them (with graphs)."""
         eta0 = self._warm_start(pop)
         if not warm_start:
             eta0 = torch.zeros_like(eta0)
         variance0 = None if self.interaction else self.joint.population_variance(pop)
-        result = find_modes(self.joint, eta0, pop, variance0, self.inner)
+        result = find_modes(self.joint, eta0, pop, variance0, self.inner, keep_graph=True)
         self.last_inner = result
-        # Implicit differentiation: one Newton step from the (detached) mode, whose value is
-        # the mode and whose derivative is dη̂/dθ = -H⁻¹ ∂²l/∂η∂θ.
-        _, grad, hess = self.joint.exact_hessian(result.eta, pop, variance0)
-        chol, _ = torch.linalg.cholesky_ex(_regularized(hess.detach()))
-        eta = result.eta - torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
         if self.hessian == "exact":
-            nll, _, h = self.joint.exact_hessian(eta, pop, variance0, create_graph=True)
+            curvature = result.hessian
         else:
-            terms, d_mean, d_var = self.joint.gaussian_jacobians(eta, pop, variance0)
-            nll = terms.nll
-            h = self.joint.expected_information(d_mean, d_var, terms.variance, pop.obs_mask)
-        logdet = 2.0 * torch.log(torch.diagonal(torch.linalg.cholesky(_regularized(h)), dim1=-2, dim2=-1)).sum(-1)
-        self._eta_hat[pop.subject_index] = eta.detach()
-        return -nll - 0.5 * logdet + 0.5 * k * math.log(2 * math.pi)
+            terms, d_mean, d_var = self.joint.gaussian_jacobians(result.eta, pop, variance0)
+            curvature = self.joint.expected_information(
+                d_mean, d_var, terms.variance, pop.obs_mask
+            )
+        chol, _ = torch.linalg.cholesky_ex(_symmetric(result.hessian.detach()))
+        self._eta_hat[pop.subject_index] = result.eta.detach()
+        return _LaplaceTerms(result.eta, result.nll, result.grad, _logdet(curvature), chol)
+
+    def _neg_loglik(self, t: _LaplaceTerms, dlogdet_deta: Tensor | None) -> Tensor:
+        """-log p(y_i) ``(N,)`` from the terms at η̂, corrected to the exact mode η*.
+
+        Returned without its ½ log det H term (added by the caller, ``t.logdet`` ``(N,)``).
+
+        η̂ may miss η* by δ = -H⁻¹g (g = ∇_η l at η̂, below the inner tolerance); to second
+        order in g, l(η*) = l(η̂) - ½ gᵀH⁻¹g and ½ log det H(η*) = ½ log det H(η̂) - vᵀg with
+        v = H⁻¹ ½ ∂(log det H)/∂η. With H⁻¹ and v held fixed, the θ-gradient of these
+        expressions is the implicit-function-theorem gradient through η*(θ): the -vᵀg term
+        carries dη*/dθ = -H⁻¹ ∂g/∂θ into the log det (l itself needs none at a mode).
+        """
+        k = t.eta.shape[-1]
+        h_inv_g = torch.cholesky_solve(t.grad.unsqueeze(-1), t.chol).squeeze(-1)
+        if dlogdet_deta is None:  # log det H does not depend on η (models linear in η)
+            dlogdet_deta = torch.zeros_like(t.grad)
+        v = torch.cholesky_solve(0.5 * dlogdet_deta.detach().unsqueeze(-1), t.chol).squeeze(-1)
+        return (
+            t.nll
+            - 0.5 * (t.grad * h_inv_g).sum(-1)
+            - (v * t.grad).sum(-1)
+            - 0.5 * k * LOG_2PI
+        )
+
+    def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
+        """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
+        t = self._terms(pop, warm_start)
+        (dlogdet,) = torch.autograd.grad(
+            t.logdet.sum(), t.eta, retain_graph=True, allow_unused=True
+        )
+        return -(self._neg_loglik(t, dlogdet) + 0.5 * t.logdet)
 
     def loss(self, pop: Population) -> Tensor:
-        """Objective to minimize: -Σ_i log p(y_i) - log prior(θ) (a scalar)."""
-        return -self.subject_loglik(pop).sum() - self.model.log_prior()
+        """Objective to minimize: -Σ_i log p(y_i) - log prior(θ) (a scalar).
+
+        One backward pass through the log-determinant graph (the costly, third-order part)
+        gives its derivatives for η and for every trainable parameter at once; the latter are
+        attached to the returned loss, so ``loss.backward()`` does not traverse it again.
+        """
+        t = self._terms(pop, warm_start=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(
+            t.logdet.sum(), [t.eta, *params], retain_graph=True, allow_unused=True
+        )
+        light = self._neg_loglik(t, grads[0]).sum()
+        value = light.detach() + 0.5 * t.logdet.detach().sum()
+        # The logdet's gradient is attached as Σ ½ p·∂(log det)/∂p (value removed below).
+        for p, g in zip(params, grads[1:]):
+            if g is not None:
+                light = light + 0.5 * (p * g).sum()
+        return light - light.detach() + value - self.model.log_prior()
 
     def loglik(self, pop: Population, warm_start: bool = True) -> float:
         """Marginal log-likelihood of ``pop`` at the current parameters."""
@@ -100,13 +143,27 @@ class LaplaceEstimator:
 
     def modes(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Empirical Bayes estimates η̂ ``(N, K)`` at the current parameters."""
-        self.subject_loglik(pop, warm_start)
+        self._terms(pop, warm_start)
         return self._eta_hat[pop.subject_index].clone()
 
 
-def _regularized(h: Tensor) -> Tensor:
+class _LaplaceTerms(NamedTuple):
+    eta: Tensor  # (N, K) modes (leaf of the graphs below)
+    nll: Tensor  # (N,) l_i(η̂)
+    grad: Tensor  # (N, K) ∇_η l at η̂
+    logdet: Tensor  # (N,) log det of the Hessian (exact or expected) at η̂
+    chol: Tensor  # (N, K, K) Cholesky factor of the exact Hessian (detached)
+
+
+def _symmetric(h: Tensor) -> Tensor:
     """Symmetrize a batch of Hessians ``(N, K, K)``."""
     return 0.5 * (h + h.transpose(-1, -2))
+
+
+def _logdet(h: Tensor) -> Tensor:
+    """log det of each positive-definite ``(N, K, K)`` matrix, ``(N,)``."""
+    chol = torch.linalg.cholesky(_symmetric(h))
+    return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
 
 
 def Laplace(model: NLMEModel, **kw) -> LaplaceEstimator:  # noqa: N802 (estimator name)

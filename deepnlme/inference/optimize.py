@@ -20,7 +20,8 @@ class OuterOptions:
     """L-BFGS settings: ``max_iter`` iterations in all, converged when max |∂loss| < ``gtol``."""
 
     max_iter: int = 500
-    gtol: float = 1e-6
+    gtol: float = 1e-6  # L-BFGS stops when max |∂loss/∂raw| falls below this
+    converged_gtol: float = 1e-3  # a fit is reported converged when max |∂loss/∂raw| < this
     ftol: float = 1e-12  # relative change of the loss below which L-BFGS stops
     history_size: int = 20
     lr: float = 1.0
@@ -86,4 +87,6 @@ def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitR
     seconds = time.perf_counter() - start
     loss = closure()
     g = grad_max(params)
-    return FitResult(float(loss), lbfgs_iterations(optimizer), n_evals, g, g < opts.gtol * 10, seconds)
+    return FitResult(
+        float(loss), lbfgs_iterations(optimizer), n_evals, g, g < opts.converged_gtol, seconds
+    )
