@@ -4,7 +4,8 @@ Damped Newton (Levenberg–Marquardt) with per-subject damping: each iteration s
 ``(|H| + λ·diag|H|) δ = -∇l`` where ``|H|`` is the exact Hessian with its eigenvalues
 replaced by their absolute values (so steps always descend, also away from saddles and
 maxima); a step is kept for a subject only if it lowers that subject's l, else its λ grows.
-Near the mode this is Newton's method (quadratic convergence).
+Near the mode this is Newton's method (quadratic convergence). Subjects that have
+converged drop out: later iterations evaluate only the subjects still moving.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ class InnerOptions:
     """Settings of the inner (η) optimization."""
 
     max_iter: int = 100
-    gtol: float = 1e-6  # converged when max_j |∂l_i/∂η_j| < gtol
-    lambda_init: float = 1e-3
+    gtol: float = 1e-4  # converged when max_j |∂l_i/∂η_j| < gtol (the objective adds the
+    # second-order correction to the exact mode, so errors are O(gtol²))
+    lambda_first: float = 1e-3  # damping after the first rejected (undamped Newton) step
     lambda_max: float = 1e12
 
 
@@ -32,18 +34,30 @@ class InnerOptions:
 class InnerResult:
     """Modes and the last evaluation at them.
 
-    ``nll``, ``grad`` and ``hessian`` belong to the returned ``eta`` (a leaf that requires
-    grad); with ``keep_graph`` they keep their graph to ``eta`` and to the model's
-    parameters, otherwise they are detached.
+    ``nll``, ``grad`` and ``hessian`` belong to the modes ``eta``; with ``keep_graph`` they
+    keep their graph to the model's parameters and to ``leaves`` (the η tensors of the
+    evaluations they came from: subjects converge at different iterations), otherwise they
+    are detached. :meth:`leaf_grad` maps gradients with respect to ``leaves`` to ``(N, K)``.
     """
 
-    eta: Tensor  # (N, K) modes
+    eta: Tensor  # (N, K) modes (detached)
     nll: Tensor  # (N,) l_i at eta
     grad: Tensor  # (N, K) ∂l/∂η at eta
     hessian: Tensor  # (N, K, K) exact Hessian of l at eta
+    leaves: list[Tensor]  # η inputs of the evaluations, each (n_j, K)
+    rows: list[Tensor]  # for each leaf, the positions (into the leaf) of the subjects it finished
+    order: Tensor  # (N,) position of each subject in the concatenation of finished rows
     n_iter: int  # Hessian evaluations
     converged: Tensor  # (N,) bool: gradient below gtol (or within 1000·gtol at the precision limit)
     max_grad: float
+
+    def leaf_grad(self, grads: list[Tensor | None]) -> Tensor:
+        """Gradients w.r.t. ``leaves`` (None = unused) → gradient w.r.t. η, ``(N, K)``."""
+        parts = [
+            torch.zeros_like(leaf[rows]) if g is None else g[rows]
+            for leaf, rows, g in zip(self.leaves, self.rows, grads)
+        ]
+        return torch.cat(parts)[self.order]
 
 
 def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
@@ -55,27 +69,6 @@ def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
     diag = torch.diagonal(pd, dim1=-2, dim2=-1)
     chol = torch.linalg.cholesky(pd + torch.diag_embed(lam[:, None] * diag))
     return -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
-
-
-def _evaluate_subjects(
-    joint: NegLogJoint, eta: Tensor, pop: Population, v0: Tensor | None, which: Tensor
-) -> Tensor:
-    """l_i(η_i) ``(N,)`` for the subjects flagged in ``which`` (others +inf).
-
-    Evaluates only those subjects when they are few, the whole batch otherwise.
-    """
-    n = eta.shape[0]
-    count = int(which.sum())
-    if count > n // 4:
-        return torch.where(which, joint(eta, pop, v0).nll, torch.inf)
-    idx = which.nonzero().squeeze(-1)
-    sub_v0 = None if v0 is None else v0[idx]
-    sub = pop.subset(idx)
-    if sub_v0 is not None:
-        sub_v0 = sub_v0[:, : sub.obs_time.shape[1]]
-    out = eta.new_full((n,), torch.inf)
-    out[idx] = joint(eta[idx], sub, sub_v0).nll
-    return out
 
 
 def find_modes(
@@ -94,37 +87,70 @@ def find_modes(
     opts = options or InnerOptions()
     eta = eta0.detach().clone()
     n = eta.shape[0]
-    lam = torch.full((n,), opts.lambda_init, dtype=eta.dtype, device=eta.device)
+    lam = eta.new_zeros(n)  # 0: plain Newton step (on the absolute-eigenvalue Hessian)
     stalled = torch.zeros(n, dtype=torch.bool, device=eta.device)  # at the precision limit
     v0 = variance0 if variance0 is None or keep_graph else variance0.detach()
-    it = 0
-    while True:
+    if n == 0:
+        empty = eta.new_zeros(0)
+        return InnerResult(
+            eta, empty, eta, eta.new_zeros(0, eta.shape[-1], eta.shape[-1]), [eta], [
+                torch.zeros(0, dtype=torch.long, device=eta.device)
+            ], torch.zeros(0, dtype=torch.long, device=eta.device), 0,
+            torch.zeros(0, dtype=torch.bool, device=eta.device), 0.0,
+        )
+    active = torch.arange(n, device=eta.device)  # subjects not finished yet
+    done_idx, leaves, rows, pieces, converged_parts = [], [], [], [], []
+    it, max_grad = 0, 0.0
+    while active.numel():
         it += 1
-        leaf = eta.detach().requires_grad_(True)
+        whole = active.numel() == n
+        sub = pop if whole else pop.subset(active)
+        sub_v0 = v0 if whole or v0 is None else v0[active][:, : sub.obs_time.shape[1]]
+        leaf = eta[active].detach().requires_grad_(True)
         with torch.enable_grad():
-            nll, grad, hess = joint.exact_hessian(leaf, pop, v0, create_graph=keep_graph)
+            nll, grad, hess = joint.exact_hessian(leaf, sub, sub_v0, create_graph=keep_graph)
         if not keep_graph:
             nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
         g, h, f = grad.detach(), hess.detach(), nll.detach()
         gmax = g.abs().amax(-1)
         converged = gmax < opts.gtol
-        if bool((converged | stalled).all()) or it > opts.max_iter:
+        finished = converged | stalled[active] | (it > opts.max_iter)
+        if bool(finished.any()):
+            pos = finished.nonzero().squeeze(-1)
+            done_idx.append(active[pos])
+            leaves.append(leaf)
+            rows.append(pos)
+            pieces.append((nll[pos], grad[pos], hess[pos]))
+            ok = converged | (stalled[active] & (gmax < opts.gtol * 1e3))
+            converged_parts.append(ok[pos])
+            max_grad = max(max_grad, float(gmax[pos].max()))
+        moving = ~finished
+        if not bool(moving.any()):
             break
         # Damped steps until each moving subject found a lower l or its λ hit the cap.
         with torch.no_grad():
-            moving = ~converged & ~stalled
-            v_trial = None if v0 is None else v0.detach()
-            noise = 1e-13 * (1.0 + f.abs())  # rounding level of l: no real change below it
-            while bool(moving.any()):
-                step = _damped_solve(h, g, lam)
-                trial = _evaluate_subjects(joint, eta + step, pop, v_trial, moving)
-                better = moving & (trial <= f + noise) & torch.isfinite(trial)
-                eta = torch.where(better[:, None], eta + step, eta)
-                lam = torch.where(better, (lam / 3.0).clamp(min=1e-12), lam)
-                failed = moving & ~better
-                lam = torch.where(failed, lam * 4.0, lam)
-                stalled = stalled | (failed & (lam > opts.lambda_max))
-                moving = failed & ~stalled
-    converged = converged | (stalled & (gmax < opts.gtol * 1e3))
-    max_grad = float(gmax.max()) if n else 0.0
-    return InnerResult(leaf, nll, grad, hess, it, converged, max_grad)
+            idx = active[moving]
+            sub2 = pop if idx.numel() == n else pop.subset(idx)
+            v_trial = None if v0 is None else v0.detach()[idx][:, : sub2.obs_time.shape[1]]
+            g_m, h_m, f_m, e_m, lam_m = g[moving], h[moving], f[moving], eta[idx], lam[idx]
+            noise = 1e-13 * (1.0 + f_m.abs())  # rounding level of l: no real change below it
+            trying = torch.ones_like(f_m, dtype=torch.bool)
+            while bool(trying.any()):
+                step = _damped_solve(h_m, g_m, lam_m)
+                trial = joint(e_m + step, sub2, v_trial).nll
+                better = trying & (trial <= f_m + noise) & torch.isfinite(trial)
+                e_m = torch.where(better[:, None], e_m + step, e_m)
+                lam_m = torch.where(better, lam_m / 3.0, lam_m)
+                lam_m = torch.where(lam_m < 1e-9, 0.0, lam_m)
+                failed = trying & ~better
+                grown = torch.where(lam_m == 0, opts.lambda_first, lam_m * 4.0)
+                lam_m = torch.where(failed, grown, lam_m)
+                trying = failed & (lam_m <= opts.lambda_max)
+            eta[idx] = e_m
+            lam[idx] = lam_m
+            stalled[idx] = lam_m > opts.lambda_max
+        active = idx
+    order = torch.argsort(torch.cat(done_idx))
+    nll, grad, hess = (torch.cat(parts)[order] for parts in zip(*pieces))
+    converged = torch.cat(converged_parts)[order]
+    return InnerResult(eta, nll, grad, hess, leaves, rows, order, it, converged, max_grad)

@@ -13,6 +13,7 @@ by the implicit-function theorem (in adjoint form, see :meth:`LaplaceEstimator.s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -76,15 +77,19 @@ class LaplaceEstimator:
         result = find_modes(self.joint, eta0, pop, variance0, self.inner, keep_graph=True)
         self.last_inner = result
         if self.hessian == "exact":
-            curvature = result.hessian
+            curvature, leaves, leaf_grad = result.hessian, result.leaves, result.leaf_grad
         else:
-            terms, d_mean, d_var = self.joint.gaussian_jacobians(result.eta, pop, variance0)
+            # Expected information at the modes: one more evaluation, with its own η leaf.
+            leaf = result.eta.detach().requires_grad_(True)
+            terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
             curvature = self.joint.expected_information(
                 d_mean, d_var, terms.variance, pop.obs_mask
             )
+            leaves, leaf_grad = [leaf], _first
         chol, _ = torch.linalg.cholesky_ex(_symmetric(result.hessian.detach()))
         self._eta_hat[pop.subject_index] = result.eta.detach()
-        return _LaplaceTerms(result.eta, result.nll, result.grad, _logdet(curvature), chol)
+        logdet = _logdet(curvature)
+        return _LaplaceTerms(leaves, leaf_grad, result.nll, result.grad, logdet, chol)
 
     def _neg_loglik(self, t: _LaplaceTerms, dlogdet_deta: Tensor | None) -> Tensor:
         """-log p(y_i) ``(N,)`` from the terms at η̂, corrected to the exact mode η*.
@@ -97,7 +102,7 @@ class LaplaceEstimator:
         expressions is the implicit-function-theorem gradient through η*(θ): the -vᵀg term
         carries dη*/dθ = -H⁻¹ ∂g/∂θ into the log det (l itself needs none at a mode).
         """
-        k = t.eta.shape[-1]
+        k = t.grad.shape[-1]
         h_inv_g = torch.cholesky_solve(t.grad.unsqueeze(-1), t.chol).squeeze(-1)
         if dlogdet_deta is None:  # log det H does not depend on η (models linear in η)
             dlogdet_deta = torch.zeros_like(t.grad)
@@ -112,10 +117,8 @@ class LaplaceEstimator:
     def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
         t = self._terms(pop, warm_start)
-        (dlogdet,) = torch.autograd.grad(
-            t.logdet.sum(), t.eta, retain_graph=True, allow_unused=True
-        )
-        return -(self._neg_loglik(t, dlogdet) + 0.5 * t.logdet)
+        grads = torch.autograd.grad(t.logdet.sum(), t.leaves, retain_graph=True, allow_unused=True)
+        return -(self._neg_loglik(t, t.leaf_grad(list(grads))) + 0.5 * t.logdet)
 
     def loss(self, pop: Population) -> Tensor:
         """Objective to minimize: -Σ_i log p(y_i) - log prior(θ) (a scalar).
@@ -127,12 +130,13 @@ class LaplaceEstimator:
         t = self._terms(pop, warm_start=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(
-            t.logdet.sum(), [t.eta, *params], retain_graph=True, allow_unused=True
+            t.logdet.sum(), [*t.leaves, *params], retain_graph=True, allow_unused=True
         )
-        light = self._neg_loglik(t, grads[0]).sum()
+        n_leaves = len(t.leaves)
+        light = self._neg_loglik(t, t.leaf_grad(list(grads[:n_leaves]))).sum()
         value = light.detach() + 0.5 * t.logdet.detach().sum()
         # The logdet's gradient is attached as Σ ½ p·∂(log det)/∂p (value removed below).
-        for p, g in zip(params, grads[1:]):
+        for p, g in zip(params, grads[n_leaves:]):
             if g is not None:
                 light = light + 0.5 * (p * g).sum()
         return light - light.detach() + value - self.model.log_prior()
@@ -148,11 +152,16 @@ class LaplaceEstimator:
 
 
 class _LaplaceTerms(NamedTuple):
-    eta: Tensor  # (N, K) modes (leaf of the graphs below)
+    leaves: list[Tensor]  # η inputs of the graphs below
+    leaf_grad: Callable[[list[Tensor | None]], Tensor]  # gradients w.r.t. leaves → (N, K)
     nll: Tensor  # (N,) l_i(η̂)
     grad: Tensor  # (N, K) ∇_η l at η̂
     logdet: Tensor  # (N,) log det of the Hessian (exact or expected) at η̂
     chol: Tensor  # (N, K, K) Cholesky factor of the exact Hessian (detached)
+
+
+def _first(grads: list[Tensor | None]) -> Tensor | None:
+    return grads[0]
 
 
 def _symmetric(h: Tensor) -> Tensor:
