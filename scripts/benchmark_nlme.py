@@ -31,7 +31,13 @@ from deepnlme.data import load_population
 from deepnlme.inference import Laplace, OuterOptions, fit
 from deepnlme.model.zoo.pk import OneCmtOralModel
 
-TRUE = {"ka": 1.5789, "cl": 0.04004, "v": 0.4575, "omega_sd": (0.6526, 0.2652, 0.1339), "sigma": 0.6912}
+TRUE = {
+    "ka": 1.5789,
+    "cl": 0.04004,
+    "v": 0.4575,
+    "omega_sd": (0.6526, 0.2652, 0.1339),
+    "sigma": 0.6912,
+}
 TIMES = np.array([0.25, 0.5, 1.0, 2.0, 3.5, 5.0, 7.0, 9.0, 12.0, 24.0])
 START = {"ka": 1.0, "cl": 0.05, "v": 0.5}
 
@@ -52,7 +58,8 @@ st <- system.time(m <- nlme(conc ~ f(Dose, Time, lKa, lCl, lV), data = g,
   fixed = lKa + lCl + lV ~ 1, random = pdDiag(lKa + lCl + lV ~ 1),
   start = c(lKa = log(%(ka)s), lCl = log(%(cl)s), lV = log(%(v)s))))
 re <- as.numeric(VarCorr(m)[1:3, "StdDev"])
-cat(sprintf('{"seconds": %%.4f, "loglik": %%.6f, "ka": %%.6g, "cl": %%.6g, "v": %%.6g, "omega_sd": [%%.6g, %%.6g, %%.6g], "sigma": %%.6g}\n',
+cat(sprintf(paste0('{"seconds": %%.4f, "loglik": %%.6f, "ka": %%.6g, "cl": %%.6g, "v": %%.6g, ',
+  '"omega_sd": [%%.6g, %%.6g, %%.6g], "sigma": %%.6g}\n'),
   st[["elapsed"]], as.numeric(logLik(m)), exp(fixef(m)[["lKa"]]), exp(fixef(m)[["lCl"]]),
   exp(fixef(m)[["lV"]]), re[1], re[2], re[3], m$sigma))
 """
@@ -66,15 +73,38 @@ def simulate(n_subjects: int, seed: int) -> pd.DataFrame:
     dose = rng.uniform(3.0, 6.0, n_subjects).round(2)
     k = cl / v
     t = TIMES[None, :]
-    conc = (dose * ka / (v * (ka - k)))[:, None] * (np.exp(-k[:, None] * t) - np.exp(-ka[:, None] * t))
+    conc = (dose * ka / (v * (ka - k)))[:, None] * (
+        np.exp(-k[:, None] * t) - np.exp(-ka[:, None] * t)
+    )
     conc = conc + TRUE["sigma"] * rng.normal(size=conc.shape)
     ids = np.arange(1, n_subjects + 1)
-    doses = pd.DataFrame({"ID": ids, "TIME": 0.0, "AMT": dose, "DV": np.nan, "EVID": 1, "MDV": 1, "CMT": 1, "Dose": dose})
-    obs = pd.DataFrame({
-        "ID": np.repeat(ids, len(TIMES)), "TIME": np.tile(TIMES, n_subjects), "AMT": 0.0,
-        "DV": conc.ravel().round(4), "EVID": 0, "MDV": 0, "CMT": 2, "Dose": np.repeat(dose, len(TIMES)),
-    })
-    return pd.concat([doses, obs]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False])
+    doses = pd.DataFrame(
+        {
+            "ID": ids,
+            "TIME": 0.0,
+            "AMT": dose,
+            "DV": np.nan,
+            "EVID": 1,
+            "MDV": 1,
+            "CMT": 1,
+            "Dose": dose,
+        }
+    )
+    obs = pd.DataFrame(
+        {
+            "ID": np.repeat(ids, len(TIMES)),
+            "TIME": np.tile(TIMES, n_subjects),
+            "AMT": 0.0,
+            "DV": conc.ravel().round(4),
+            "EVID": 0,
+            "MDV": 0,
+            "CMT": 2,
+            "Dose": np.repeat(dose, len(TIMES)),
+        }
+    )
+    return pd.concat([doses, obs]).sort_values(
+        ["ID", "TIME", "EVID"], ascending=[True, True, False]
+    )
 
 
 def fit_deepnlme(csv: Path, device: str) -> dict:
@@ -86,9 +116,14 @@ def fit_deepnlme(csv: Path, device: str) -> dict:
     result = fit(est, pop, OuterOptions())
     p = model.param_values()
     return {
-        "seconds": result.seconds, "loglik": est.loglik(pop), "converged": result.converged,
-        "ka": float(p["tvka"]), "cl": float(p["tvcl"]), "v": float(p["tvv"]),
-        "omega_sd": torch.diagonal(p["omega"]).sqrt().tolist(), "sigma": float(p["sigma_add"]),
+        "seconds": result.seconds,
+        "loglik": est.loglik(pop),
+        "converged": result.converged,
+        "ka": float(p["tvka"]),
+        "cl": float(p["tvcl"]),
+        "v": float(p["tvv"]),
+        "omega_sd": torch.diagonal(p["omega"]).sqrt().tolist(),
+        "sigma": float(p["sigma_add"]),
     }
 
 
@@ -105,8 +140,10 @@ def fit_nlme(csv: Path) -> dict | None:
 
 def fmt(r: dict) -> str:
     sd = ", ".join(f"{s:.4f}" for s in r["omega_sd"])
-    return (f"{r['seconds']:8.2f} s  loglik {r['loglik']:12.3f}  ka {r['ka']:.4f} cl {r['cl']:.5f} "
-            f"v {r['v']:.4f}  omega_sd [{sd}]  sigma {r['sigma']:.4f}")
+    return (
+        f"{r['seconds']:8.2f} s  loglik {r['loglik']:12.3f}  ka {r['ka']:.4f} cl {r['cl']:.5f} "
+        f"v {r['v']:.4f}  omega_sd [{sd}]  sigma {r['sigma']:.4f}"
+    )
 
 
 def main() -> None:
@@ -133,7 +170,10 @@ def main() -> None:
             else:
                 print(f"  R nlme (linearization): {fmt(theirs)}")
                 ratio = theirs["seconds"] / ours["seconds"]
-                print(f"  nlme time / deepnlme time = {ratio:.2f}" + ("" if math.isfinite(ratio) else ""))
+                print(
+                    f"  nlme time / deepnlme time = {ratio:.2f}"
+                    + ("" if math.isfinite(ratio) else "")
+                )
             time.sleep(0)
 
 

@@ -1,0 +1,40 @@
+"""Diagnostics: pure functions of a model, an estimator and a population (no Lightning).
+
+EBEs, PRED/IPRED/IWRES, held-out metrics, parameter summaries, tables and plots.
+"""
+
+from deepnlme.diagnostics.ebes import ebe_table
+from deepnlme.diagnostics.estimates import estimates_table, omega_blocks, param_values
+from deepnlme.diagnostics.evaluation import Evaluation, evaluate
+from deepnlme.diagnostics.metrics import objective_summary
+from deepnlme.diagnostics.plots import gof_figure, save_gof
+from deepnlme.diagnostics.predictions import Predictions, predict, prediction_table, rmse
+from deepnlme.diagnostics.report import (
+    likelihood_summary,
+    parameter_summary,
+    write_results,
+    write_tables,
+)
+from deepnlme.diagnostics.simulation import sample_eta, simulate
+
+__all__ = [
+    "Evaluation",
+    "Predictions",
+    "ebe_table",
+    "estimates_table",
+    "evaluate",
+    "gof_figure",
+    "likelihood_summary",
+    "objective_summary",
+    "omega_blocks",
+    "param_values",
+    "parameter_summary",
+    "predict",
+    "prediction_table",
+    "rmse",
+    "sample_eta",
+    "save_gof",
+    "simulate",
+    "write_results",
+    "write_tables",
+]

@@ -55,19 +55,32 @@ class InnerResult:
         """Gradients w.r.t. ``leaves`` (None = unused) → gradient w.r.t. η, ``(N, K)``."""
         parts = [
             torch.zeros_like(leaf[rows]) if g is None else g[rows]
-            for leaf, rows, g in zip(self.leaves, self.rows, grads)
+            for leaf, rows, g in zip(self.leaves, self.rows, grads, strict=False)
         ]
         return torch.cat(parts)[self.order]
 
 
-def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
-    """Solve (|H| + λ diag|H|) δ = -g per subject; H (N, K, K), g (N, K), λ (N,) → δ (N, K)."""
+def absolute_eigenvalues(hess: Tensor) -> Tensor:
+    """|H|: each symmetric ``(K, K)`` matrix of ``(N, K, K)`` with its eigenvalues replaced by
+    their absolute values (floored at 1e-10 of the largest): positive definite, equal to H
+    where H already is. Non-finite matrices become the identity."""
+    finite = torch.isfinite(hess).all(-1).all(-1)
+    eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
+    hess = torch.where(finite[:, None, None], hess, eye)
     evals, evecs = torch.linalg.eigh(0.5 * (hess + hess.transpose(-1, -2)))
     scale = evals.abs().amax(-1, keepdim=True).clamp(min=1e-12)
     evals = evals.abs().clamp(min=1e-10 * scale)
-    pd = evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
+    return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
+
+
+def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
+    """Solve (|H| + λ diag|H|) δ = -g per subject; H (N, K, K), g (N, K), λ (N,) → δ (N, K).
+
+    Subjects with a non-finite gradient get δ = 0."""
+    pd = absolute_eigenvalues(hess)
     diag = torch.diagonal(pd, dim1=-2, dim2=-1)
     chol = torch.linalg.cholesky(pd + torch.diag_embed(lam[:, None] * diag))
+    grad = torch.where(torch.isfinite(grad), grad, 0.0)
     return -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
 
 
@@ -93,10 +106,16 @@ def find_modes(
     if n == 0:
         empty = eta.new_zeros(0)
         return InnerResult(
-            eta, empty, eta, eta.new_zeros(0, eta.shape[-1], eta.shape[-1]), [eta], [
-                torch.zeros(0, dtype=torch.long, device=eta.device)
-            ], torch.zeros(0, dtype=torch.long, device=eta.device), 0,
-            torch.zeros(0, dtype=torch.bool, device=eta.device), 0.0,
+            eta,
+            empty,
+            eta,
+            eta.new_zeros(0, eta.shape[-1], eta.shape[-1]),
+            [eta],
+            [torch.zeros(0, dtype=torch.long, device=eta.device)],
+            torch.zeros(0, dtype=torch.long, device=eta.device),
+            0,
+            torch.zeros(0, dtype=torch.bool, device=eta.device),
+            0.0,
         )
     active = torch.arange(n, device=eta.device)  # subjects not finished yet
     done_idx, leaves, rows, pieces, converged_parts = [], [], [], [], []
@@ -151,6 +170,6 @@ def find_modes(
             stalled[idx] = lam_m > opts.lambda_max
         active = idx
     order = torch.argsort(torch.cat(done_idx))
-    nll, grad, hess = (torch.cat(parts)[order] for parts in zip(*pieces))
+    nll, grad, hess = (torch.cat(parts)[order] for parts in zip(*pieces, strict=False))
     converged = torch.cat(converged_parts)[order]
     return InnerResult(eta, nll, grad, hess, leaves, rows, order, it, converged, max_grad)

@@ -91,7 +91,9 @@ class NegLogJoint:
             d_var.append(dv if dv is not None else torch.zeros_like(w))
         return terms, torch.stack(d_mean, -1), torch.stack(d_var, -1)
 
-    def expected_information(self, d_mean: Tensor, d_var: Tensor, var: Tensor, mask: Tensor) -> Tensor:
+    def expected_information(
+        self, d_mean: Tensor, d_var: Tensor, var: Tensor, mask: Tensor
+    ) -> Tensor:
         """Ω⁻¹ + Σ_t [∂μ ∂μᵀ / V + ½ ∂V ∂Vᵀ / V²] (the FOCEI Hessian), ``(N, K, K)``."""
         w = mask.to(var.dtype) / var
         info = torch.einsum("nt,ntj,ntk->njk", w, d_mean, d_mean)
@@ -99,15 +101,22 @@ class NegLogJoint:
             info = info + 0.5 * torch.einsum("nt,ntj,ntk->njk", w * w, d_var, d_var)
         return info + self.model.eta_precision()
 
-    def exact_hessian(self, eta: Tensor, pop: Population, variance0: Tensor | None = None,
-                      create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def exact_hessian(
+        self,
+        eta: Tensor,
+        pop: Population,
+        variance0: Tensor | None = None,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(l, ∂l/∂η, ∂²l/∂η²) at η: ``(N,)``, ``(N, K)``, ``(N, K, K)`` by reverse mode."""
         if not eta.requires_grad:
             eta = eta.detach().requires_grad_(True)
         nll = self(eta, pop, variance0).nll
         (grad,) = torch.autograd.grad(nll.sum(), eta, create_graph=True)
         rows = [
-            torch.autograd.grad(grad[:, j].sum(), eta, create_graph=create_graph, retain_graph=True)[0]
+            torch.autograd.grad(
+                grad[:, j].sum(), eta, create_graph=create_graph, retain_graph=True
+            )[0]
             for j in range(eta.shape[-1])
         ]
         return nll, grad, torch.stack(rows, -2)

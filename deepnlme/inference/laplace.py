@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
-from deepnlme.inference.inner import InnerOptions, find_modes
+from deepnlme.inference.inner import InnerOptions, absolute_eigenvalues, find_modes
 from deepnlme.inference.joint import NegLogJoint
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import LOG_2PI
@@ -82,11 +82,9 @@ class LaplaceEstimator:
             # Expected information at the modes: one more evaluation, with its own η leaf.
             leaf = result.eta.detach().requires_grad_(True)
             terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
-            curvature = self.joint.expected_information(
-                d_mean, d_var, terms.variance, pop.obs_mask
-            )
+            curvature = self.joint.expected_information(d_mean, d_var, terms.variance, pop.obs_mask)
             leaves, leaf_grad = [leaf], _first
-        chol, _ = torch.linalg.cholesky_ex(_symmetric(result.hessian.detach()))
+        chol = _pd_cholesky(result.hessian.detach())
         self._eta_hat[pop.subject_index] = result.eta.detach()
         logdet = _logdet(curvature)
         return _LaplaceTerms(leaves, leaf_grad, result.nll, result.grad, logdet, chol)
@@ -107,12 +105,7 @@ class LaplaceEstimator:
         if dlogdet_deta is None:  # log det H does not depend on η (models linear in η)
             dlogdet_deta = torch.zeros_like(t.grad)
         v = torch.cholesky_solve(0.5 * dlogdet_deta.detach().unsqueeze(-1), t.chol).squeeze(-1)
-        return (
-            t.nll
-            - 0.5 * (t.grad * h_inv_g).sum(-1)
-            - (v * t.grad).sum(-1)
-            - 0.5 * k * LOG_2PI
-        )
+        return t.nll - 0.5 * (t.grad * h_inv_g).sum(-1) - (v * t.grad).sum(-1) - 0.5 * k * LOG_2PI
 
     def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
@@ -136,7 +129,7 @@ class LaplaceEstimator:
         light = self._neg_loglik(t, t.leaf_grad(list(grads[:n_leaves]))).sum()
         value = light.detach() + 0.5 * t.logdet.detach().sum()
         # The logdet's gradient is attached as Σ ½ p·∂(log det)/∂p (value removed below).
-        for p, g in zip(params, grads[n_leaves:]):
+        for p, g in zip(params, grads[n_leaves:], strict=False):
             if g is not None:
                 light = light + 0.5 * (p * g).sum()
         return light - light.detach() + value - self.model.log_prior()
@@ -169,10 +162,32 @@ def _symmetric(h: Tensor) -> Tensor:
     return 0.5 * (h + h.transpose(-1, -2))
 
 
+def _pd_cholesky(h: Tensor) -> Tensor:
+    """Cholesky factors ``(N, K, K)`` of H, or of |H| (absolute eigenvalues) where H is not
+    positive definite (a subject stopped short of its mode)."""
+    chol, info = torch.linalg.cholesky_ex(_symmetric(h))
+    bad = info != 0
+    if bool(bad.any()):
+        chol = torch.where(bad[:, None, None], torch.linalg.cholesky(absolute_eigenvalues(h)), chol)
+    return chol
+
+
 def _logdet(h: Tensor) -> Tensor:
-    """log det of each positive-definite ``(N, K, K)`` matrix, ``(N,)``."""
-    chol = torch.linalg.cholesky(_symmetric(h))
-    return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    """log det ``(N,)`` of each ``(N, K, K)`` Hessian; log |det| where it is not positive
+    definite (see :func:`_pd_cholesky`), so that the objective stays finite."""
+    h = _symmetric(h)
+    chol, info = torch.linalg.cholesky_ex(h)
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        evals = torch.linalg.eigvalsh(
+            torch.where(
+                bad[:, None, None], h, torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            )
+        )
+        floor = 1e-10 * evals.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        logdet = torch.where(bad, torch.log(evals.abs().clamp(min=floor)).sum(-1), logdet)
+    return logdet
 
 
 def Laplace(model: NLMEModel, **kw) -> LaplaceEstimator:  # noqa: N802 (estimator name)

@@ -104,7 +104,9 @@ class DiagonalCovariance(Domain):
         super().check(name, value)
         var = torch.diagonal(value) if value.dim() == 2 else value
         if var.shape != (self.k,) or (var <= 0).any():
-            raise ValueError(f"initial {name} must be {self.k} positive variances, got {value.tolist()}")
+            raise ValueError(
+                f"initial {name} must be {self.k} positive variances, got {value.tolist()}"
+            )
 
     def describe(self) -> str:
         return f"diagonal covariance ({self.k}x{self.k})"

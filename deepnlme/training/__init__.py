@@ -1,0 +1,23 @@
+"""Training through Lightning: the module (estimator injected), full-batch data, callbacks.
+
+Lightning only orchestrates here; the math lives in ``deepnlme.inference`` and the models.
+Config-driven construction (Hydra) is in :mod:`deepnlme.training.build`.
+"""
+
+from deepnlme.training.callbacks import (
+    ConvergenceMonitor,
+    FitProgressBar,
+    FitTimer,
+    objective_and_gradient,
+)
+from deepnlme.training.datamodule import PopulationDataModule
+from deepnlme.training.module import NLMEFitModule
+
+__all__ = [
+    "ConvergenceMonitor",
+    "FitProgressBar",
+    "FitTimer",
+    "NLMEFitModule",
+    "PopulationDataModule",
+    "objective_and_gradient",
+]

@@ -20,7 +20,9 @@ def linearized_loglik(model, pop, eta_hat) -> float:
         m = sub.obs_mask[0]
         e = eta_hat[i : i + 1]
         f = model.observe(e, sub).mean[0][m]
-        g = torch.autograd.functional.jacobian(lambda x: model.observe(x, sub).mean[0][m], e)
+        g = torch.autograd.functional.jacobian(
+            lambda x, sub=sub, m=m: model.observe(x, sub).mean[0][m], e
+        )
         g = g.reshape(len(f), -1)
         cov = g @ omega @ g.T + torch.diag(r0[i][pop.obs_mask[i]])
         dist = torch.distributions.MultivariateNormal(f - g @ e[0], cov)

@@ -15,7 +15,7 @@ def finite_difference_check(est, pop, h: float = 1e-5, rtol: float = 1e-5):
     est.reset()
     loss = est.loss(pop)
     grads = torch.autograd.grad(loss, params)
-    for param, grad in zip(params, grads):
+    for param, grad in zip(params, grads, strict=False):
         flat = param.data.view(-1)
         for j in range(flat.numel()):
             old = float(flat[j])

@@ -1,0 +1,141 @@
+"""Callbacks of a fit: convergence (stop + record) and the wall time of the fit alone."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+from deepnlme.data.population import Population
+from deepnlme.inference.optimize import grad_max, lbfgs_iterations, trainable
+
+
+def lbfgs_evaluations(optimizer: torch.optim.LBFGS) -> int:
+    """Objective evaluations L-BFGS has made so far (over all ``step`` calls)."""
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    return int(state.get("func_evals", 0))
+
+
+def objective_and_gradient(estimator: Any, pop: Population) -> tuple[float, float, float]:
+    """``(loss, loglik, max |∂loss/∂raw|)`` at the current parameters (fills ``.grad``)."""
+    model = estimator.model
+    params = trainable(model)
+    with torch.enable_grad():
+        for p in params:
+            p.grad = None
+        loss = estimator.loss(pop)
+        loss.backward()
+    value = float(loss.detach())
+    return value, -value - float(model.log_prior().detach()), grad_max(params)
+
+
+class ConvergenceMonitor(Callback):
+    """After each epoch's L-BFGS step: evaluate, log, and stop the fit when done.
+
+    Stops when the loss is not finite, when max |gradient| < ``gtol``, when L-BFGS stopped on
+    its own within the step (fewer iterations and evaluations than the step allows: its
+    tolerance on the change of loss or parameters fired; "no progress"), or after ``max_iter``
+    iterations in all. So a fit split into epochs ends where one long L-BFGS run would.
+    Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``, ``converged`` (max |gradient| <
+    ``converged_gtol``) and ``stop_reason``; its state is saved in checkpoints.
+    """
+
+    def __init__(self, gtol: float, converged_gtol: float, max_iter: int) -> None:
+        self.gtol = gtol
+        self.converged_gtol = converged_gtol
+        self.max_iter = max_iter
+        self.n_iter = 0
+        self.n_evals = 0
+        self.grad_max = math.inf
+        self.loss = math.inf
+        self.loglik = -math.inf
+        self.converged = False
+        self.stop_reason = ""
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        optimizer = trainer.optimizers[0]
+        n_iter, n_evals = lbfgs_iterations(optimizer), lbfgs_evaluations(optimizer)
+        group = optimizer.param_groups[0]
+        stopped_itself = (
+            n_iter - self.n_iter < group["max_iter"] and n_evals - self.n_evals < group["max_eval"]
+        )
+        self.n_iter, self.n_evals = n_iter, n_evals
+        self.loss, self.loglik, self.grad_max = objective_and_gradient(pl_module.estimator, batch)
+        self.converged = self.grad_max < self.converged_gtol
+        pl_module.log_dict(
+            {"loss": self.loss, "loglik": self.loglik, "grad_max": self.grad_max},
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+        pl_module.log("n_iter", float(n_iter), on_step=True, on_epoch=False, batch_size=1)
+        if not math.isfinite(self.loss):
+            self.stop_reason = "non-finite loss"
+        elif self.grad_max < self.gtol:
+            self.stop_reason = "gradient below gtol"
+        elif stopped_itself:
+            self.stop_reason = "no progress"
+        elif n_iter >= self.max_iter:
+            self.stop_reason = "max_iter reached"
+        else:
+            self.stop_reason = ""
+            return
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.stop_reason:
+            self.stop_reason = "max_epochs reached"
+
+    def summary(self) -> dict[str, Any]:
+        """``converged, n_iter, grad_max, stop_reason`` for results.json."""
+        return {
+            "converged": bool(self.converged),
+            "n_iter": int(self.n_iter),
+            "grad_max": float(self.grad_max),
+            "stop_reason": self.stop_reason,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n_iter": self.n_iter,
+            "n_evals": self.n_evals,
+            "grad_max": self.grad_max,
+            "loss": self.loss,
+            "loglik": self.loglik,
+            "converged": self.converged,
+            "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key, value in state_dict.items():
+            setattr(self, key, value)
+
+
+class FitTimer(Callback):
+    """``seconds``: wall time from ``on_train_start`` to ``on_train_end`` (the fit alone)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self.seconds = time.perf_counter() - self._start
+
+
+class FitProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar with the logged metrics (loss, loglik, ...) to 7 significant digits."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {k: f"{v:.7g}" if isinstance(v, float) else v for k, v in metrics.items()}

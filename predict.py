@@ -1,0 +1,68 @@
+"""Predict with a fitted model: ``python predict.py ckpt_path=RUN/checkpoints/last.ckpt``.
+
+Reloads the checkpoint (safely: plain data only), finds each subject's η̂ from its own data at
+the fitted parameters and writes ``results.json`` (log-likelihood of the given subjects),
+``ebes.csv``, ``predictions.csv`` and ``gof.png`` into the Hydra run directory. Without
+``data=...`` the checkpoint's training data is used; an empty ``data.covariates`` means the
+covariates the model was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from deepnlme import diagnostics
+from deepnlme.fitted import FittedModel
+from deepnlme.training import build
+
+log = logging.getLogger("deepnlme.predict")
+
+
+def load_fitted(ckpt_path: str) -> FittedModel:
+    """:meth:`FittedModel.load`, with unusable files reported as a :class:`SetupError`."""
+    try:
+        return FittedModel.load(ckpt_path)
+    except (OSError, ValueError, KeyError, ImportError, AttributeError, RuntimeError) as exc:
+        raise build.SetupError(f"cannot load checkpoint {ckpt_path}: {exc}") from exc
+
+
+def predict(cfg: DictConfig, output_dir: Path) -> dict:
+    """Evaluate the checkpoint on the configured subjects; returns results.json."""
+    fitted = load_fitted(str(cfg.ckpt_path))
+    data = build.plain(cfg.data) if cfg.get("data") is not None else dict(fitted.config["data"])
+    data = {**data, "heldout_fraction": 0.0, "covariates": data.get("covariates") or []}
+    if not data["covariates"]:
+        data["covariates"] = fitted.covariate_names
+    pop, _ = build.load_data(data, fitted.dtype)
+    build.check_data(fitted.model, pop)
+    evaluation = fitted.evaluate(pop, split="predict")
+    results = {
+        **fitted.names,
+        "data": str(data["name"]),
+        "ckpt_path": str(cfg.ckpt_path),
+        **diagnostics.likelihood_summary(fitted.model, evaluation),
+        **diagnostics.parameter_summary(fitted.model),
+    }
+    diagnostics.write_results(output_dir / "results.json", results)
+    diagnostics.write_tables(output_dir, [evaluation])
+    log.info("loglik %.4f of %d subjects  -> %s", results["loglik"], len(pop), output_dir)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    if os.getcwd() not in sys.path:  # users' model modules: model._target_=mymodule.MyModel
+        sys.path.insert(0, os.getcwd())
+    with build.exit_on_user_error():
+        predict(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
