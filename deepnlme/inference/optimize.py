@@ -88,5 +88,5 @@ def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitR
     loss = closure()
     g = grad_max(params)
     return FitResult(
-        float(loss), lbfgs_iterations(optimizer), n_evals, g, g < opts.converged_gtol, seconds
+        loss.item(), lbfgs_iterations(optimizer), n_evals, g, g < opts.converged_gtol, seconds
     )
