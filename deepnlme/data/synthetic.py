@@ -67,20 +67,22 @@ TRUTH = {
 }
 
 
-def true_parameters(
-    wt: np.ndarray, age: np.ndarray, crcl: np.ndarray
-) -> dict[str, np.ndarray]:
+def true_parameters(wt, age, crcl) -> dict:
     """Typical (η = 0) ``ka`` (1/h), ``cl`` (L/h), ``v`` (L) of the true model, each ``(N,)``.
 
-    Accepts numpy arrays or tensors (converted to float64 numpy).
+    Works on numpy arrays (float64 results) and on tensors (same dtype/device, differentiable).
     """
-    wt, age, crcl = (np.asarray(x, dtype=np.float64) for x in (wt, age, crcl))
+    if isinstance(wt, torch.Tensor):
+        exp = torch.exp
+    else:
+        exp = np.exp
+        wt, age, crcl = (np.asarray(x, dtype=np.float64) for x in (wt, age, crcl))
     t = TRUTH
     sig = crcl ** t["H"] / (t["CE50"] ** t["H"] + crcl ** t["H"])
     cl = t["CLNR"] + t["CLMAX"] * sig
-    bell = np.exp(-(((age - t["AGE_PEAK"]) / t["AGE_WIDTH"]) ** 2))
+    bell = exp(-(((age - t["AGE_PEAK"]) / t["AGE_WIDTH"]) ** 2))
     v = t["V0"] * (wt / 70.0) * (1.0 + t["VA"] * bell)
-    ka = t["KA0"] * np.exp(t["KI"] * (wt - 75.0) / 15.0 * (age - 50.0) / 20.0)
+    ka = t["KA0"] * exp(t["KI"] * (wt - 75.0) / 15.0 * (age - 50.0) / 20.0)
     return {"ka": ka, "cl": cl, "v": v}
 
 

@@ -161,3 +161,11 @@ def test_config_instantiates_the_model():
     assert list(cfg.model.fixed) == [] and dict(cfg.model.init) == {}
     ref = NeuralPKModel(list(data.covariates), hidden=list(model_cfg.hidden), seed=7)
     assert torch.equal(model.net.layers[0].weight, ref.net.layers[0].weight)
+
+
+def test_far_off_parameters_keep_the_density_finite(pop):
+    """Concentrations that underflow (line-search trials) hit the floor, not log(0)."""
+    model = neural(init={"tvka": 50.0, "tvcl": 5000.0, "tvv": 5.0})
+    nll = Laplace(model).joint(torch.zeros(len(pop), 3), pop).nll
+    assert torch.isfinite(nll).all()
+    assert (model.observe(torch.zeros(len(pop), 3), pop).prediction >= 1e-30).all()

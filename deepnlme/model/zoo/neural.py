@@ -11,7 +11,8 @@ Individual parameters (each ``(N,)``), with ``x`` the normalized covariates ``(N
 ``log cl``, ``eta3`` to ``log v`` (the first ``min(K, 3)`` of them; further η only enter the
 network). The network's output layer starts at zero, so the untrained model *is* the classical
 :class:`~deepnlme.model.zoo.pk.OneCmtOralModel` (log-normal η on ka, cl, v) with the same θ,
-Ω, σ. Concentration ``central / v`` with proportional (or additive/combined/lognormal) error.
+Ω, σ. Concentration ``central / v`` (floored at ``min_prediction`` = 1e-30, reached only at
+far-off trial parameters) with proportional (or additive/combined/lognormal) error.
 
 Covariate inputs are normalized by fixed constants ``(x − center) / scale`` (defaults in
 :data:`DEFAULT_NORMALIZATION`, overridable per covariate with ``normalization``); a training
@@ -71,6 +72,8 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
         max_log_deviation: bound B of the network's log-scale deviations, squashed smoothly
             as ``B · tanh(NN / B)`` (identity near 0; keeps parameters within a factor
             ``e^B`` of the typical values during wild line-search steps); ``None``: unbounded.
+        min_prediction: floor of the predicted concentration (tiny: only far-off parameter
+            values reach it; keeps proportional variances > 0); 0 disables it.
         omega: initial variances of η (one per random effect; default 0.1 each).
         tvka, tvcl, tvv: initial typical values (1/h, L/h, L); also settable with ``init=``.
         seed: seed of the network initialization.
@@ -80,14 +83,15 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
         self,
         covariates: Sequence[str] = (),
         n_eta: int = 3,
-        hidden: Sequence[int] = (16, 16),
+        hidden: Sequence[int] = (8,),
         activation: str = "tanh",
-        weight_decay: float = 1.0,
+        weight_decay: float = 15.0,
         normalization: Mapping[str, Sequence[float]] | None = None,
         error: str = "proportional",
         eta_skip: bool = True,
         eta_inputs: bool = True,
         max_log_deviation: float | None = 3.0,
+        min_prediction: float = 1e-30,
         omega: Sequence[float] | None = None,
         tvka: float = 1.0,
         tvcl: float = 4.0,
@@ -107,6 +111,7 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
             raise ValueError("with eta_inputs=False and eta_skip=False the η would be unused")
         if max_log_deviation is not None and max_log_deviation <= 0:
             raise ValueError(f"max_log_deviation must be > 0 or None, got {max_log_deviation}")
+        self.min_prediction = float(min_prediction)
         self.max_log_deviation = None if max_log_deviation is None else float(max_log_deviation)
         self.tvka = positive(tvka)
         self.tvcl = positive(tvcl)
@@ -171,7 +176,12 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
         }
 
     def derived(self, p, indiv, amounts, cov):
-        return self.observation(p, amounts.central / indiv.v[:, None])
+        conc = amounts.central / indiv.v[:, None]  # (N, T)
+        if self.min_prediction > 0:
+            # Far-off trial parameters (line searches) can underflow concentrations to 0 and
+            # a proportional variance with them; the floor keeps every density finite.
+            conc = conc.clamp_min(self.min_prediction)
+        return self.observation(p, conc)
 
     def log_prior(self) -> Tensor:
         """``−½ · weight_decay · Σ w²`` over the network's weights and biases (a scalar)."""
