@@ -10,12 +10,9 @@ covariates the model was trained with.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from deepnlme import diagnostics
@@ -58,10 +55,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    if os.getcwd() not in sys.path:  # users' model modules: model._target_=mymodule.MyModel
-        sys.path.insert(0, os.getcwd())
-    with build.exit_on_user_error():
-        predict(cfg, Path(HydraConfig.get().runtime.output_dir))
+    build.run_command(predict, cfg)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,12 @@ and exit status 1.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from deepnlme import diagnostics
@@ -83,10 +81,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    if os.getcwd() not in sys.path:  # users' model modules: model._target_=mymodule.MyModel
-        sys.path.insert(0, os.getcwd())
-    with build.exit_on_user_error():
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    build.run_command(train, cfg)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,13 @@ def _model_choice() -> str | None:
     if any(o.lstrip("+~").startswith("model._target_=") for o in hydra_cfg.overrides.task):
         return None
     return hydra_cfg.runtime.choices.get("model")
+
+
+def run_command(step: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
+    """Body of the command-line shims: ``step(cfg, run_dir)`` with the working directory
+    importable (users' model modules: ``model._target_=mymodule.MyModel``) and user errors
+    reported as one line without a traceback."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    with exit_on_user_error():
+        step(cfg, Path(HydraConfig.get().runtime.output_dir))
