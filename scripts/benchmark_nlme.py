@@ -114,7 +114,7 @@ def fit_deepnlme(csv: Path, device: str) -> dict:
     ).to(device=device, dtype=torch.float64)
     est = Laplace(model)
     result = fit(est, pop, OuterOptions())
-    p = model.param_values()
+    p = {name: value.detach() for name, value in model.param_values().items()}
     return {
         "seconds": result.seconds,
         "loglik": est.loglik(pop),
@@ -150,10 +150,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: all cores)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
