@@ -63,13 +63,19 @@ class InnerResult:
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
     """|H|: each symmetric ``(K, K)`` matrix of ``(N, K, K)`` with its eigenvalues replaced by
     their absolute values (floored at 1e-10 of the largest): positive definite, equal to H
-    where H already is. Non-finite matrices become the identity."""
+    where H already is. Non-finite matrices become the identity; where the eigensolver
+    fails (extreme entries), ``diag(|H_jj|)`` stands in."""
     finite = torch.isfinite(hess).all(-1).all(-1)
     eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
-    hess = torch.where(finite[:, None, None], hess, eye)
-    evals, evecs = torch.linalg.eigh(0.5 * (hess + hess.transpose(-1, -2)))
-    scale = evals.abs().amax(-1, keepdim=True).clamp(min=1e-12)
-    evals = evals.abs().clamp(min=1e-10 * scale)
+    hess = torch.where(finite[:, None, None], 0.5 * (hess + hess.transpose(-1, -2)), eye)
+    scale = hess.abs().amax((-1, -2), keepdim=True).clamp(min=1e-300)
+    try:
+        evals, evecs = torch.linalg.eigh(hess / scale)
+    except RuntimeError:  # torch.linalg.LinAlgError: fall back to the absolute diagonal
+        diag = torch.diagonal(hess, dim1=-2, dim2=-1).abs()
+        return torch.diag_embed(diag.clamp(min=1e-10 * scale[..., 0].clamp(max=1e300)))
+    top = evals.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    evals = evals.abs().clamp(min=1e-10 * top) * scale[..., 0]
     return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
 
 

@@ -180,13 +180,9 @@ def _logdet(h: Tensor) -> Tensor:
     logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     bad = info != 0
     if bool(bad.any()):
-        evals = torch.linalg.eigvalsh(
-            torch.where(
-                bad[:, None, None], h, torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-            )
-        )
-        floor = 1e-10 * evals.abs().amax(-1, keepdim=True).clamp(min=1e-12)
-        logdet = torch.where(bad, torch.log(evals.abs().clamp(min=floor)).sum(-1), logdet)
+        pd_chol = torch.linalg.cholesky(absolute_eigenvalues(h))
+        pd_logdet = 2.0 * torch.log(torch.diagonal(pd_chol, dim1=-2, dim2=-1)).sum(-1)
+        logdet = torch.where(bad, pd_logdet, logdet)
     return logdet
 
 
