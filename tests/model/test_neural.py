@@ -159,7 +159,12 @@ def test_config_instantiates_the_model():
     assert isinstance(model, NeuralPKModel)
     assert model.covariates == tuple(data.covariates)
     assert list(cfg.model.fixed) == [] and dict(cfg.model.init) == {}
-    ref = NeuralPKModel(list(data.covariates), hidden=list(model_cfg.hidden), seed=7)
+    ref = NeuralPKModel(
+        list(data.covariates),
+        hidden=list(model_cfg.hidden),
+        eta_inputs=model_cfg.eta_inputs,
+        seed=7,
+    )
     assert torch.equal(model.net.layers[0].weight, ref.net.layers[0].weight)
 
 
