@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,7 +87,7 @@ class Population:
         """Subjects at positions ``index`` (trimmed of padding that no subject uses)."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.device)
         changes = {name: getattr(self, name)[index] for name in self._tensor_fields()}
-        changes["ids"] = [self.ids[i] for i in index.tolist()]
+        changes["ids"] = np.asarray(self.ids, dtype=object)[index.cpu().numpy()].tolist()
         sub = replace(self, **changes)
         return sub.trimmed()
 
