@@ -156,6 +156,7 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
 
     # ------------------------------------------------------------------ blocks
     def pre(self, p, eta, cov) -> dict[str, Tensor]:
+        """``ka`` (1/h), ``cl`` (L/h), ``v`` (L), each ``(N,)``, from (covariates, η)."""
         e = torch.stack([eta[name] for name in self.eta_names], dim=-1) if len(eta) else None
         ref = p.tvcl
         n = next(iter(cov.values())).shape[0] if len(cov) else e.shape[0]
