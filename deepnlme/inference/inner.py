@@ -124,13 +124,11 @@ def find_modes(
             0.0,
         )
     active = torch.arange(n, device=eta.device)  # subjects not finished yet
+    sub, sub_v0 = pop, v0  # their data (and η = 0 variances)
     done_idx, leaves, rows, pieces, converged_parts = [], [], [], [], []
     it, max_grad = 0, 0.0
     while active.numel():
         it += 1
-        whole = active.numel() == n
-        sub = pop if whole else pop.subset(active)
-        sub_v0 = v0 if whole or v0 is None else v0[active][:, : sub.obs_time.shape[1]]
         leaf = eta[active].detach().requires_grad_(True)
         with torch.enable_grad():
             nll, grad, hess = joint.exact_hessian(leaf, sub, sub_v0, create_graph=keep_graph)
@@ -152,17 +150,19 @@ def find_modes(
         moving = ~finished
         if not bool(moving.any()):
             break
+        idx = active[moving]
+        if idx.numel() < active.numel():  # later iterations see only these subjects
+            sub = pop.subset(idx)  # (outside no_grad: sub_v0 keeps its graph to θ)
+            sub_v0 = None if v0 is None else v0[idx][:, : sub.obs_time.shape[1]]
         # Damped steps until each moving subject found a lower l or its λ hit the cap.
         with torch.no_grad():
-            idx = active[moving]
-            sub2 = pop if idx.numel() == n else pop.subset(idx)
-            v_trial = None if v0 is None else v0.detach()[idx][:, : sub2.obs_time.shape[1]]
+            v_trial = None if sub_v0 is None else sub_v0.detach()
             g_m, h_m, f_m, e_m, lam_m = g[moving], h[moving], f[moving], eta[idx], lam[idx]
             noise = 1e-13 * (1.0 + f_m.abs())  # rounding level of l: no real change below it
             trying = torch.ones_like(f_m, dtype=torch.bool)
             while bool(trying.any()):
                 step = _damped_solve(h_m, g_m, lam_m)
-                trial = joint(e_m + step, sub2, v_trial).nll
+                trial = joint(e_m + step, sub, v_trial).nll
                 better = trying & (trial <= f_m + noise) & torch.isfinite(trial)
                 e_m = torch.where(better[:, None], e_m + step, e_m)
                 lam_m = torch.where(better, lam_m / 3.0, lam_m)

@@ -53,8 +53,9 @@ class NegLogJoint:
             dv = torch.where(mask, pop.obs_dv, torch.ones_like(pop.obs_dv))
             var = dist.variance if self.interaction or variance0 is None else variance0
             var = torch.where(mask, var, torch.ones_like(var))
-            mean = torch.where(mask, dist.mean, dist.transform(dv))
-            r = dist.transform(dv) - mean
+            y = dist.transform(dv)
+            mean = torch.where(mask, dist.mean, y)
+            r = y - mean
             point = 0.5 * (LOG_2PI + torch.log(var) + r * r / var) - dist.log_jacobian(dv)
             nll = (point * mask).sum(-1) + prior
             return JointTerms(nll, mean, var)
