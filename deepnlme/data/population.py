@@ -6,6 +6,7 @@ Times are in the units of the source file; amounts in the file's amount units.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -57,6 +58,11 @@ class Population:
     @property
     def n_obs(self) -> int:
         return int(self.obs_mask.sum())
+
+    @functools.cached_property
+    def fully_observed(self) -> bool:
+        """True when no observation slot is padding (every subject has T observations)."""
+        return bool(self.obs_mask.all())
 
     @property
     def device(self) -> torch.device:

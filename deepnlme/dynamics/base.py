@@ -14,6 +14,8 @@ Optional individual parameters understood by every dynamics:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from deepnlme.data.population import Population
@@ -30,6 +32,18 @@ class Dynamics(nn.Module):
     def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
         """Amounts ``(N, T, n_compartments)`` at ``pop.obs_time``."""
         raise NotImplementedError
+
+    def amounts(
+        self, indiv: dict[str, Tensor], pop: Population, names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """Amounts ``(N, T)`` by compartment name, for (at least) the compartments ``names``.
+
+        The default computes every compartment with :meth:`forward`; subclasses may compute
+        only those asked for (the fitting loops differentiate this up to third order, and
+        work on a compartment nobody observes is wasted there several times over).
+        """
+        full = self(indiv, pop)
+        return {n: full[..., j] for j, n in enumerate(self.compartments)}
 
     def check_params(self, indiv: dict[str, Tensor]) -> None:
         missing = [k for k in self.required if k not in indiv]

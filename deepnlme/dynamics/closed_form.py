@@ -42,7 +42,7 @@ whenever ``q > 0``); ``β`` is computed as ``k10·k21/α`` to avoid cancellation
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -284,10 +284,32 @@ class LinearCompartmentModel(Dynamics):
         """Amounts ``(N, T, n_compartments)`` at ``pop.obs_time`` (0 in padding slots)."""
         self.check_params(indiv)
         doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
-        if not (doses.flags.infusion or doses.flags.ss):
-            fast = self.bolus_amounts(indiv, pop, doses)
-            if fast is not None:
-                return fast
+        fast = self._bolus_only(indiv, pop, doses, self.compartments)
+        if fast is not None:
+            return torch.stack([fast[n] for n in self.compartments], -1)
+        return self._superposition(indiv, pop, doses)
+
+    def amounts(
+        self, indiv: dict[str, Tensor], pop: Population, names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """Amounts ``(N, T)`` by name; with bolus-only dosing just the compartments ``names``."""
+        self.check_params(indiv)
+        doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
+        fast = self._bolus_only(indiv, pop, doses, names)
+        if fast is not None:
+            return fast
+        full = self._superposition(indiv, pop, doses)
+        return {n: full[..., j] for j, n in enumerate(self.compartments)}
+
+    def _bolus_only(
+        self, indiv: Mapping[str, Tensor], pop: Population, doses: Doses, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        if doses.flags.infusion or doses.flags.ss:
+            return None
+        return self.bolus_amounts(indiv, pop, doses, names)
+
+    def _superposition(self, indiv: Mapping[str, Tensor], pop: Population, doses: Doses) -> Tensor:
+        """Amounts ``(N, T, n_compartments)`` by the general dose-response formulas."""
         pr = _pairs(pop, doses)
         lam, coef = self.disposition(indiv)
         n_exp = lam.shape[-1]
@@ -317,8 +339,11 @@ class LinearCompartmentModel(Dynamics):
         return torch.einsum("ntdk,ndkc->ntc", b, w_dose)
 
 
-    def bolus_amounts(self, indiv: Mapping[str, Tensor], pop: Population, doses: Doses):
-        """Amounts for bolus-only dosing by a shorter formula, or None where not provided.
+    def bolus_amounts(
+        self, indiv: Mapping[str, Tensor], pop: Population, doses: Doses, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        """Amounts ``(N, T)`` of (at least) the compartments ``names`` for bolus-only dosing by
+        a shorter formula, or None where not provided.
 
         Subclasses may override it: the fitting loops differentiate the dynamics up to third
         order, so fewer operations in the common case pay off several times.
@@ -389,11 +414,11 @@ class OneCmtIV(_OneCmt):
     default_dose_cmt = 1
     default_obs_cmt = 1
 
-    def bolus_amounts(self, indiv, pop, doses):
-        """``A(t) = Σ_d amt_d · e^{-k (t - t_d)}``, ``(N, T, 1)``."""
+    def bolus_amounts(self, indiv, pop, doses, names):
+        """``central(t) = Σ_d amt_d · e^{-k (t - t_d)}``, ``(N, T)``."""
         k = (_param(indiv, "cl") / _param(indiv, "v")).reshape(-1, 1, 1)
         s, amt = _bolus_pairs(pop, doses)
-        return (amt * torch.exp(-k * s)).sum(-1, keepdim=True)
+        return {"central": (amt * torch.exp(-k * s)).sum(-1)}
 
 
 class OneCmtOral(_OneCmt):
@@ -412,21 +437,29 @@ class OneCmtOral(_OneCmt):
     #: (its rounding error grows like eps / relative gap); closer rates take the general path.
     min_relative_gap = 1e-4
 
-    def bolus_amounts(self, indiv, pop, doses):
+    def bolus_amounts(self, indiv, pop, doses, names):
         """Depot ``Σ amt·e^{-ka s}``; central ``Σ amt·ka/(ka-k)·(e^{-k s} - e^{-ka s})`` for
-        depot doses and ``Σ amt·e^{-k s}`` for doses into central, ``(N, T, 2)``."""
+        depot doses and ``Σ amt·e^{-k s}`` for doses into central, each ``(N, T)``."""
         ka = _param(indiv, "ka").reshape(-1, 1, 1)
         k = (_param(indiv, "cl") / _param(indiv, "v")).reshape(-1, 1, 1)
         gap = ka - k
         if not bool((gap.abs() > self.min_relative_gap * torch.maximum(ka, k)).all()):
             return None
         s, amt = _bolus_pairs(pop, doses)
-        e_k = torch.exp(-k * s)
         e_a = torch.exp(-ka * s)
-        into_depot = (doses.cmt == 0)[:, None, :]
-        central = torch.where(into_depot, ka / gap * (e_k - e_a), e_k)
-        depot = torch.where(into_depot, e_a, 0.0)
-        return torch.stack([(amt * depot).sum(-1), (amt * central).sum(-1)], -1)
+        into_depot = doses.cmt == 0  # (N, D)
+        out = {}
+        if "depot" in names:
+            out["depot"] = (torch.where(into_depot[:, None, :], amt, 0.0) * e_a).sum(-1)
+        if "central" in names:
+            e_k = torch.exp(-k * s)
+            chain = ka / gap * (e_k - e_a)
+            if bool(into_depot.all()):  # the usual case: every dose into the depot
+                central = chain
+            else:
+                central = torch.where(into_depot[:, None, :], chain, e_k)
+            out["central"] = (amt * central).sum(-1)
+        return out
 
 
 class TwoCmtIV(_TwoCmt):

@@ -24,6 +24,7 @@ class InnerOptions:
     """Settings of the inner (η) optimization."""
 
     max_iter: int = 100
+    chord_iter: int = 12  # at most this many steps with a previous Hessian (see find_modes)
     gtol: float = 1e-4  # converged when max_j |∂l_i/∂η_j| < gtol (the objective adds the
     # second-order correction to the exact mode, so errors are O(gtol²))
     lambda_first: float = 1e-3  # damping after the first rejected (undamped Newton) step
@@ -32,42 +33,44 @@ class InnerOptions:
 
 @dataclass
 class InnerResult:
-    """Modes and the last evaluation at them.
+    """Modes and one evaluation at them.
 
     ``nll``, ``grad`` and ``hessian`` belong to the modes ``eta``; with ``keep_graph`` they
-    keep their graph to the model's parameters and to ``leaves`` (the η tensors of the
-    evaluations they came from: subjects converge at different iterations), otherwise they
-    are detached. :meth:`leaf_grad` maps gradients with respect to ``leaves`` to ``(N, K)``.
+    keep their graph to the model's parameters and to ``leaf`` (the η tensor they were
+    evaluated at, equal to ``eta``), otherwise they are detached.
     """
 
     eta: Tensor  # (N, K) modes (detached)
     nll: Tensor  # (N,) l_i at eta
     grad: Tensor  # (N, K) ∂l/∂η at eta
     hessian: Tensor  # (N, K, K) exact Hessian of l at eta
-    leaves: list[Tensor]  # η inputs of the evaluations, each (n_j, K)
-    rows: list[Tensor]  # for each leaf, the positions (into the leaf) of the subjects it finished
-    order: Tensor  # (N,) position of each subject in the concatenation of finished rows
-    n_iter: int  # Hessian evaluations
+    leaf: Tensor  # (N, K) η input of the evaluation above
+    n_iter: int  # Newton iterations (Hessian evaluations) of the search
     converged: Tensor  # (N,) bool: gradient below gtol (or within 1000·gtol at the precision limit)
     max_grad: float
-
-    def leaf_grad(self, grads: list[Tensor | None]) -> Tensor:
-        """Gradients w.r.t. ``leaves`` (None = unused) → gradient w.r.t. η, ``(N, K)``."""
-        parts = [
-            torch.zeros_like(leaf[rows]) if g is None else g[rows]
-            for leaf, rows, g in zip(self.leaves, self.rows, grads, strict=False)
-        ]
-        return torch.cat(parts)[self.order]
 
 
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
     """|H|: each symmetric ``(K, K)`` matrix of ``(N, K, K)`` with its eigenvalues replaced by
-    their absolute values (floored at 1e-10 of the largest): positive definite, equal to H
-    where H already is. Non-finite matrices become the identity; where the eigensolver
-    fails (extreme entries), ``diag(|H_jj|)`` stands in."""
+    their absolute values (floored at 1e-10 of the largest): positive definite. Matrices with
+    a Cholesky factor are returned as they are (symmetrized); only the others go through the
+    eigensolver. Non-finite matrices become the identity; where the eigensolver fails
+    (extreme entries), ``diag(|H_jj|)`` stands in."""
+    hess = 0.5 * (hess + hess.transpose(-1, -2))
+    bad = (torch.linalg.cholesky_ex(hess).info != 0) | ~torch.isfinite(hess).all(-1).all(-1)
+    if not bool(bad.any()):  # all positive definite: |H| = H (no eigensolver needed)
+        return hess
+    bad = bad.nonzero().squeeze(-1)
+    out = hess.clone()
+    out[bad] = _absolute_eigenvalues(hess[bad])
+    return out
+
+
+def _absolute_eigenvalues(hess: Tensor) -> Tensor:
+    """:func:`absolute_eigenvalues` by the symmetric eigensolver, ``(n, K, K)``."""
     finite = torch.isfinite(hess).all(-1).all(-1)
     eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
-    hess = torch.where(finite[:, None, None], 0.5 * (hess + hess.transpose(-1, -2)), eye)
+    hess = torch.where(finite[:, None, None], hess, eye)
     scale = hess.abs().amax((-1, -2), keepdim=True).clamp(min=1e-300)
     try:
         evals, evecs = torch.linalg.eigh(hess / scale)
@@ -90,6 +93,143 @@ def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
     return -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
 
 
+def _value_and_grad(
+    joint: NegLogJoint,
+    eta: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    create_graph: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(leaf, l, ∂l/∂η)`` at η ``(n, K)``: the η leaf, ``(n,)``, ``(n, K)``; with
+    ``create_graph`` the gradient keeps its graph to ``leaf`` (for :func:`_hessian`)."""
+    leaf = eta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        nll = joint(leaf, pop, variance0).nll
+        (grad,) = torch.autograd.grad(nll.sum(), leaf, create_graph=create_graph)
+    return leaf, nll.detach(), grad
+
+
+def _hessian(grad: Tensor, leaf: Tensor) -> Tensor:
+    """∂²l/∂η² ``(n, K, K)`` (detached) from a gradient ``(n, K)`` with its graph to ``leaf``."""
+    with torch.enable_grad():
+        rows = [
+            torch.autograd.grad(grad[:, j].sum(), leaf, retain_graph=True)[0]
+            for j in range(leaf.shape[-1])
+        ]
+    return torch.stack(rows, -2)
+
+
+def chord_steps(
+    joint: NegLogJoint,
+    eta0: Tensor,
+    hessian0: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    options: InnerOptions,
+) -> tuple[Tensor, Tensor]:
+    """Approach the modes with a fixed curvature: η ← η - |H₀|⁻¹ ∇l(η) (chord method).
+
+    ``hessian0`` ``(N, K, K)`` is the Hessian at the modes of a nearby evaluation (the
+    previous fixed effects, the same subjects), ``eta0`` those modes. Each step costs one
+    gradient instead of a Hessian. A subject stops at ``gtol``, after ``chord_iter`` steps, or
+    as soon as a step does not lower its l or shrink its gradient 2-fold (its curvature has
+    changed too much); :func:`find_modes` goes on with Newton steps from there.
+    Returns η ``(N, K)`` and ``done`` ``(N,)``: the subjects whose gradient is below ``gtol``.
+    """
+    eta = eta0.detach().clone()
+    done = torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
+    chol, info = torch.linalg.cholesky_ex(absolute_eigenvalues(hessian0.detach()))
+    active = (info == 0).nonzero().squeeze(-1)
+    sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
+    _, f, g = _value_and_grad(joint, eta[active], sub, sub_v0)
+    for step_no in range(options.chord_iter + 1):
+        gmax = g.abs().amax(-1)
+        small = gmax < options.gtol
+        done[active] = small
+        go_on = ~small & torch.isfinite(gmax)
+        if step_no == options.chord_iter or not bool(go_on.any()):
+            break
+        if not bool(go_on.all()):
+            active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
+            sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
+        trial = eta[active] - torch.cholesky_solve(g.unsqueeze(-1), chol[active]).squeeze(-1)
+        _, f_new, g_new = _value_and_grad(joint, trial, sub, sub_v0)
+        noise = 1e-13 * (1.0 + f.abs())
+        better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
+        eta[active] = torch.where(better[:, None], trial, eta[active])
+        done[active] = better & (g_new.abs().amax(-1) < options.gtol)
+        keep = better & (g_new.abs().amax(-1) <= 0.5 * gmax)
+        if not bool(keep.any()):
+            break
+        active, f, g = active[keep], f_new[keep], g_new[keep]
+        if not bool(keep.all()):
+            sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
+    return eta, done
+
+
+def _restrict(
+    pop: Population, variance0: Tensor | None, index: Tensor, n: int
+) -> tuple[Population, Tensor | None]:
+    """The subjects at ``index`` of ``pop`` (``n`` subjects) and their η = 0 variances."""
+    if index.numel() == n:
+        return pop, variance0
+    sub = pop.subset(index)
+    return sub, None if variance0 is None else variance0[index][:, : sub.obs_time.shape[1]]
+
+
+def newton_steps(
+    joint: NegLogJoint,
+    eta0: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    options: InnerOptions,
+    done: Tensor | None = None,
+) -> tuple[Tensor, int, Tensor]:
+    """Damped Newton iterations (module docstring) from ``eta0`` ``(N, K)`` until every subject
+    not already ``done`` has max |∂l/∂η| < ``gtol``, stalls, or ``max_iter`` is reached.
+
+    Each iteration evaluates only the subjects still moving. Returns η ``(N, K)``, the number
+    of iterations, and ``stalled`` ``(N,)``: subjects whose damping hit ``lambda_max`` (no
+    lower l to be found: the precision limit).
+    """
+    eta = eta0.detach().clone()
+    n = eta.shape[0]
+    lam = eta.new_zeros(n)  # 0: plain Newton step (on the absolute-eigenvalue Hessian)
+    stalled = torch.zeros(n, dtype=torch.bool, device=eta.device)
+    active = torch.arange(n, device=eta.device) if done is None else (~done).nonzero()[:, 0]
+    sub, sub_v0 = _restrict(pop, variance0, active, n)
+    it = 0
+    while active.numel() and it < options.max_iter:
+        leaf, f, g_graph = _value_and_grad(joint, eta[active], sub, sub_v0, create_graph=True)
+        g = g_graph.detach()
+        moving = (g.abs().amax(-1) >= options.gtol) & ~stalled[active]
+        if not bool(moving.any()):
+            break
+        it += 1
+        h = _hessian(g_graph, leaf)
+        if not bool(moving.all()):
+            active, f, g, h = active[moving], f[moving], g[moving], h[moving]
+            sub, sub_v0 = _restrict(pop, variance0, active, n)
+        # Damped steps until each moving subject found a lower l or its λ hit the cap.
+        e, lam_a = eta[active], lam[active]
+        noise = 1e-13 * (1.0 + f.abs())  # rounding level of l: no real change below it
+        trying = torch.ones_like(f, dtype=torch.bool)
+        while bool(trying.any()):
+            step = _damped_solve(h, g, lam_a)
+            trial = joint(e + step, sub, sub_v0).nll
+            better = trying & (trial <= f + noise) & torch.isfinite(trial)
+            e = torch.where(better[:, None], e + step, e)
+            lam_a = torch.where(better, lam_a / 3.0, lam_a)
+            lam_a = torch.where(lam_a < 1e-9, 0.0, lam_a)
+            failed = trying & ~better
+            grown = torch.where(lam_a == 0, options.lambda_first, lam_a * 4.0)
+            lam_a = torch.where(failed, grown, lam_a)
+            trying = failed & (lam_a <= options.lambda_max)
+        eta[active], lam[active] = e, lam_a
+        stalled[active] = lam_a > options.lambda_max
+    return eta, it, stalled
+
+
 def find_modes(
     joint: NegLogJoint,
     eta0: Tensor,
@@ -97,85 +237,36 @@ def find_modes(
     variance0: Tensor | None = None,
     options: InnerOptions | None = None,
     keep_graph: bool = False,
+    hessian0: Tensor | None = None,
 ) -> InnerResult:
     """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
 
-    With ``keep_graph`` the derivatives at the returned modes keep their graph (the Laplace
-    objective and its implicit gradient are built from them without evaluating again).
+    ``hessian0`` ``(N, K, K)``, the Hessians at ``eta0`` when those are the modes of a nearby
+    evaluation, lets cheap chord steps (:func:`chord_steps`) do most of the work first; damped
+    Newton steps (:func:`newton_steps`) finish. The search builds no graph to the model's
+    parameters; one evaluation of l, ∂l/∂η and ∂²l/∂η² at the modes follows, whose results
+    keep their graphs with ``keep_graph`` (the Laplace objective and its implicit gradient are
+    built from them).
     """
     opts = options or InnerOptions()
-    eta = eta0.detach().clone()
-    n = eta.shape[0]
-    lam = eta.new_zeros(n)  # 0: plain Newton step (on the absolute-eigenvalue Hessian)
-    stalled = torch.zeros(n, dtype=torch.bool, device=eta.device)  # at the precision limit
-    v0 = variance0 if variance0 is None or keep_graph else variance0.detach()
-    if n == 0:
-        empty = eta.new_zeros(0)
-        return InnerResult(
-            eta,
-            empty,
-            eta,
-            eta.new_zeros(0, eta.shape[-1], eta.shape[-1]),
-            [eta],
-            [torch.zeros(0, dtype=torch.long, device=eta.device)],
-            torch.zeros(0, dtype=torch.long, device=eta.device),
-            0,
-            torch.zeros(0, dtype=torch.bool, device=eta.device),
-            0.0,
-        )
-    active = torch.arange(n, device=eta.device)  # subjects not finished yet
-    sub, sub_v0 = pop, v0  # their data (and η = 0 variances)
-    done_idx, leaves, rows, pieces, converged_parts = [], [], [], [], []
-    it, max_grad = 0, 0.0
-    while active.numel():
-        it += 1
-        leaf = eta[active].detach().requires_grad_(True)
-        with torch.enable_grad():
-            nll, grad, hess = joint.exact_hessian(leaf, sub, sub_v0, create_graph=keep_graph)
-        if not keep_graph:
-            nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
-        g, h, f = grad.detach(), hess.detach(), nll.detach()
-        gmax = g.abs().amax(-1)
-        converged = gmax < opts.gtol
-        finished = converged | stalled[active] | (it > opts.max_iter)
-        if bool(finished.any()):
-            pos = finished.nonzero().squeeze(-1)
-            done_idx.append(active[pos])
-            leaves.append(leaf)
-            rows.append(pos)
-            pieces.append((nll[pos], grad[pos], hess[pos]))
-            ok = converged | (stalled[active] & (gmax < opts.gtol * 1e3))
-            converged_parts.append(ok[pos])
-            max_grad = max(max_grad, float(gmax[pos].max()))
-        moving = ~finished
-        if not bool(moving.any()):
-            break
-        idx = active[moving]
-        if idx.numel() < active.numel():  # later iterations see only these subjects
-            sub = pop.subset(idx)  # (outside no_grad: sub_v0 keeps its graph to θ)
-            sub_v0 = None if v0 is None else v0[idx][:, : sub.obs_time.shape[1]]
-        # Damped steps until each moving subject found a lower l or its λ hit the cap.
-        with torch.no_grad():
-            v_trial = None if sub_v0 is None else sub_v0.detach()
-            g_m, h_m, f_m, e_m, lam_m = g[moving], h[moving], f[moving], eta[idx], lam[idx]
-            noise = 1e-13 * (1.0 + f_m.abs())  # rounding level of l: no real change below it
-            trying = torch.ones_like(f_m, dtype=torch.bool)
-            while bool(trying.any()):
-                step = _damped_solve(h_m, g_m, lam_m)
-                trial = joint(e_m + step, sub, v_trial).nll
-                better = trying & (trial <= f_m + noise) & torch.isfinite(trial)
-                e_m = torch.where(better[:, None], e_m + step, e_m)
-                lam_m = torch.where(better, lam_m / 3.0, lam_m)
-                lam_m = torch.where(lam_m < 1e-9, 0.0, lam_m)
-                failed = trying & ~better
-                grown = torch.where(lam_m == 0, opts.lambda_first, lam_m * 4.0)
-                lam_m = torch.where(failed, grown, lam_m)
-                trying = failed & (lam_m <= opts.lambda_max)
-            eta[idx] = e_m
-            lam[idx] = lam_m
-            stalled[idx] = lam_m > opts.lambda_max
-        active = idx
-    order = torch.argsort(torch.cat(done_idx))
-    nll, grad, hess = (torch.cat(parts)[order] for parts in zip(*pieces, strict=False))
-    converged = torch.cat(converged_parts)[order]
-    return InnerResult(eta, nll, grad, hess, leaves, rows, order, it, converged, max_grad)
+    eta = eta0.detach()
+    if eta.shape[0] == 0:
+        k = eta.shape[-1]
+        empty = torch.zeros(0, dtype=torch.bool, device=eta.device)
+        return InnerResult(eta, eta.new_zeros(0), eta, eta.new_zeros(0, k, k), eta, 0, empty, 0.0)
+    v_search = None if variance0 is None else variance0.detach()
+    done = None
+    with torch.no_grad():
+        if hessian0 is not None and opts.chord_iter > 0:
+            eta, done = chord_steps(joint, eta, hessian0, pop, v_search, opts)
+        eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
+    v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
+    leaf = eta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        nll, grad, hess = joint.exact_hessian(leaf, pop, v_final, create_graph=keep_graph)
+    if not keep_graph:
+        nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
+    gmax = grad.detach().abs().amax(-1)
+    converged = (gmax < opts.gtol) | (stalled & (gmax < opts.gtol * 1e3))
+    max_grad = float(gmax.max()) if gmax.numel() else 0.0
+    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, max_grad)

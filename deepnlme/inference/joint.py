@@ -50,15 +50,25 @@ class NegLogJoint:
         mask = pop.obs_mask
         prior = -self.model.eta_log_prior(eta)
         if isinstance(dist, GaussianResidual):
-            dv = torch.where(mask, pop.obs_dv, torch.ones_like(pop.obs_dv))
             var = dist.variance if self.interaction or variance0 is None else variance0
-            var = torch.where(mask, var, torch.ones_like(var))
-            y = dist.transform(dv)
-            mean = torch.where(mask, dist.mean, y)
+            mean = dist.mean
+            if pop.fully_observed:
+                dv = pop.obs_dv
+                y = dist.transform(dv)
+            else:  # padding slots get harmless values (and weight 0) so no NaN reaches a grad
+                dv = torch.where(mask, pop.obs_dv, torch.ones_like(pop.obs_dv))
+                y = dist.transform(dv)
+                var = torch.where(mask, var, torch.ones_like(var))
+                mean = torch.where(mask, mean, y)
             r = y - mean
-            point = 0.5 * (LOG_2PI + torch.log(var) + r * r / var) - dist.log_jacobian(dv)
-            nll = (point * mask).sum(-1) + prior
-            return JointTerms(nll, mean, var)
+            point = torch.log(var) + r * r / var
+            if not pop.fully_observed:
+                point = point * mask
+            # constants: ½ log 2π per observation and the Jacobian of g(DV) (data only)
+            const = (0.5 * LOG_2PI) * mask.sum(-1).to(dv.dtype)
+            if dist.log_scale:
+                const = const - (dist.log_jacobian(dv) * mask).sum(-1)
+            return JointTerms(0.5 * point.sum(-1) + const + prior, mean, var)
         if self.interaction is False:
             raise ValueError("FOCE without interaction needs a Gaussian residual model")
         dv = pop.obs_dv

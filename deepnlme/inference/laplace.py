@@ -13,7 +13,6 @@ by the implicit-function theorem (in adjoint form, see :meth:`LaplaceEstimator.s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,6 +50,7 @@ class LaplaceEstimator:
         self.name = name or {"exact": "laplace"}.get(hessian, "focei" if interaction else "foce")
         self.joint = NegLogJoint(model, interaction)
         self._eta_hat: Tensor | None = None
+        self._hessian: Tensor | None = None  # (n_subjects, K, K) exact Hessians at the modes
         self.last_inner = None
 
     # ----------------------------------------------------------- mode memory
@@ -60,34 +60,49 @@ class LaplaceEstimator:
         ref = pop.obs_time
         if self._eta_hat is None or self._eta_hat.shape[0] < need or self._eta_hat.shape[1] != k:
             self._eta_hat = ref.new_zeros(need, k)
+            self._hessian = None
         self._eta_hat = self._eta_hat.to(device=ref.device, dtype=ref.dtype)
         return self._eta_hat[pop.subject_index]
+
+    def _stored_hessians(self, pop: Population) -> Tensor | None:
+        """Exact Hessians ``(N, K, K)`` at the stored modes, if every subject of ``pop`` has one."""
+        if self._hessian is None:
+            return None
+        h = self._hessian[pop.subject_index]
+        return h if bool(torch.isfinite(h).all()) else None
 
     def reset(self) -> None:
         """Forget the stored modes (the next evaluation starts from η = 0)."""
         self._eta_hat = None
+        self._hessian = None
 
     # ------------------------------------------------------------- the method
     def _terms(self, pop: Population, warm_start: bool) -> _LaplaceTerms:
         """Find the modes and build l, ∇_η l and log det H at them (with graphs)."""
         eta0 = self._warm_start(pop)
+        hessian0 = self._stored_hessians(pop) if warm_start else None
         if not warm_start:
             eta0 = torch.zeros_like(eta0)
         variance0 = None if self.interaction else self.joint.population_variance(pop)
-        result = find_modes(self.joint, eta0, pop, variance0, self.inner, keep_graph=True)
+        result = find_modes(
+            self.joint, eta0, pop, variance0, self.inner, keep_graph=True, hessian0=hessian0
+        )
         self.last_inner = result
         if self.hessian == "exact":
-            curvature, leaves, leaf_grad = result.hessian, result.leaves, result.leaf_grad
+            curvature, leaf = result.hessian, result.leaf
         else:
             # Expected information at the modes: one more evaluation, with its own η leaf.
             leaf = result.eta.detach().requires_grad_(True)
             terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
             curvature = self.joint.expected_information(d_mean, d_var, terms.variance, pop.obs_mask)
-            leaves, leaf_grad = [leaf], _first
         chol = _pd_cholesky(result.hessian.detach())
         self._eta_hat[pop.subject_index] = result.eta.detach()
+        if self._hessian is None:
+            k = result.eta.shape[-1]
+            self._hessian = result.eta.new_full((self._eta_hat.shape[0], k, k), float("nan"))
+        self._hessian[pop.subject_index] = result.hessian.detach()
         logdet = _logdet(curvature)
-        return _LaplaceTerms(leaves, leaf_grad, result.nll, result.grad, logdet, chol)
+        return _LaplaceTerms(leaf, result.nll, result.grad, logdet, chol)
 
     def _neg_loglik(self, t: _LaplaceTerms, dlogdet_deta: Tensor | None) -> Tensor:
         """-log p(y_i) ``(N,)`` from the terms at η̂, corrected to the exact mode η*.
@@ -110,8 +125,8 @@ class LaplaceEstimator:
     def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
         t = self._terms(pop, warm_start)
-        grads = torch.autograd.grad(t.logdet.sum(), t.leaves, retain_graph=True, allow_unused=True)
-        return -(self._neg_loglik(t, t.leaf_grad(list(grads))) + 0.5 * t.logdet)
+        (grad,) = torch.autograd.grad(t.logdet.sum(), t.leaf, retain_graph=True, allow_unused=True)
+        return -(self._neg_loglik(t, grad) + 0.5 * t.logdet)
 
     def loss(self, pop: Population) -> Tensor:
         """Objective to minimize: -Σ_i log p(y_i) - log prior(θ) (a scalar).
@@ -123,13 +138,12 @@ class LaplaceEstimator:
         t = self._terms(pop, warm_start=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(
-            t.logdet.sum(), [*t.leaves, *params], retain_graph=True, allow_unused=True
+            t.logdet.sum(), [t.leaf, *params], retain_graph=True, allow_unused=True
         )
-        n_leaves = len(t.leaves)
-        light = self._neg_loglik(t, t.leaf_grad(list(grads[:n_leaves]))).sum()
+        light = self._neg_loglik(t, grads[0]).sum()
         value = light.detach() + 0.5 * t.logdet.detach().sum()
         # The logdet's gradient is attached as Σ ½ p·∂(log det)/∂p (value removed below).
-        for p, g in zip(params, grads[n_leaves:], strict=False):
+        for p, g in zip(params, grads[1:], strict=False):
             if g is not None:
                 light = light + 0.5 * (p * g).sum()
         return light - light.detach() + value - self.model.log_prior()
@@ -145,16 +159,11 @@ class LaplaceEstimator:
 
 
 class _LaplaceTerms(NamedTuple):
-    leaves: list[Tensor]  # η inputs of the graphs below
-    leaf_grad: Callable[[list[Tensor | None]], Tensor]  # gradients w.r.t. leaves → (N, K)
+    leaf: Tensor  # (N, K) η input of the graphs below
     nll: Tensor  # (N,) l_i(η̂)
     grad: Tensor  # (N, K) ∇_η l at η̂
     logdet: Tensor  # (N,) log det of the Hessian (exact or expected) at η̂
     chol: Tensor  # (N, K, K) Cholesky factor of the exact Hessian (detached)
-
-
-def _first(grads: list[Tensor | None]) -> Tensor | None:
-    return grads[0]
 
 
 def _symmetric(h: Tensor) -> Tensor:

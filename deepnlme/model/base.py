@@ -59,6 +59,41 @@ class Namespace(Mapping):
         return len(self._values)
 
 
+class Amounts(Namespace):
+    """Compartment amounts ``(N, T)`` by name, computed when ``derived`` first asks for them.
+
+    Only the compartments a model observes enter the graphs that the estimators differentiate
+    (up to third order), so a compartment nobody reads is never computed where the dynamics
+    can skip it (see :meth:`Dynamics.amounts`).
+    """
+
+    def __init__(self, dynamics: Dynamics, indiv: Mapping[str, Tensor], pop: Population):
+        super().__init__({}, "compartment")
+        object.__setattr__(self, "_source", (dynamics, indiv, pop))
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._values:
+            dynamics, indiv, pop = self._source
+            if name not in dynamics.compartments:
+                raise KeyError(name)
+            self._values.update(dynamics.amounts(indiv, pop, (name,)))
+        return self._values[name]
+
+    def __getattr__(self, name: str) -> Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"no compartment named {name!r}; available: {list(self._source[0].compartments)}"
+            ) from None
+
+    def __iter__(self):
+        return iter(self._source[0].compartments)
+
+    def __len__(self) -> int:
+        return len(self._source[0].compartments)
+
+
 class NLMEModel(nn.Module):
     """Base class of all models; subclasses declare parameters and write the blocks."""
 
@@ -155,12 +190,7 @@ class NLMEModel(nn.Module):
         cov = Namespace(pop.baseline_covariates(), "covariate")
         indiv = self.pre(p, self.split_eta(eta), cov)
         dynamics: Dynamics | None = getattr(self, "dynamics", None)
-        amt = Namespace({}, "compartment")
-        if dynamics is not None:
-            amounts = dynamics(indiv, pop)
-            amt = Namespace(
-                {n: amounts[..., j] for j, n in enumerate(dynamics.compartments)}, "compartment"
-            )
+        amt = Namespace({}, "compartment") if dynamics is None else Amounts(dynamics, indiv, pop)
         return self.derived(p, Namespace(indiv, "individual parameter"), amt, cov)
 
     def eta_log_prior(self, eta: Tensor) -> Tensor:

@@ -249,3 +249,24 @@ def test_errors(make_pop, make_dose):
         OneCmtIV()(indiv, one_subject(make_pop, [make_dose(0.0, 100.0, rate=-2.0)]))
     with pytest.raises(KeyError, match="needs individual parameters"):
         OneCmtIV()(p(cl=2.0), one_subject(make_pop, [make_dose(0.0, 100.0)]))
+
+
+@pytest.mark.parametrize("into_central", [False, True])
+def test_amounts_by_name_match_forward(make_pop, make_dose, into_central):
+    """``amounts(names)`` gives the compartments asked for (bolus-only: only those), equal to
+    the slices of ``forward``; with an infusion every compartment comes from the general path."""
+    doses = [make_dose(0.0, 100.0), make_dose(12.0, 50.0, cmt=2 if into_central else 0)]
+    pop = one_subject(make_pop, doses)
+    dyn = OneCmtOral()
+    indiv = p(ka=1.3, cl=2.0, v=20.0)
+    full = dyn(indiv, pop)
+    central = dyn.amounts(indiv, pop, ("central",))
+    assert list(central) == ["central"]
+    torch.testing.assert_close(central["central"], full[..., 1], rtol=1e-14, atol=0.0)
+    depot = dyn.amounts(indiv, pop, ("depot",))
+    assert list(depot) == ["depot"]
+    torch.testing.assert_close(depot["depot"], full[..., 0], rtol=1e-14, atol=0.0)
+    infused = one_subject(make_pop, [make_dose(0.0, 100.0, rate=50.0)])
+    both = dyn.amounts(indiv, infused, ("central",))
+    assert list(both) == ["depot", "central"]
+    torch.testing.assert_close(both["central"], dyn(indiv, infused)[..., 1])

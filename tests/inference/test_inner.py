@@ -1,8 +1,9 @@
 """Inner mode-finding pieces: positive-definite Hessian repair and log-determinants."""
 
+import pytest
 import torch
 
-from deepnlme.inference.inner import absolute_eigenvalues
+from deepnlme.inference.inner import InnerOptions, absolute_eigenvalues, chord_steps, find_modes
 from deepnlme.inference.laplace import _logdet
 
 
@@ -30,3 +31,45 @@ def test_logdet_is_log_abs_det_where_not_positive_definite():
     assert torch.allclose(
         got, torch.tensor([torch.logdet(pd).item(), torch.log(torch.tensor(3.0)).item()])
     )
+
+
+def _theophylline_joint():
+    from deepnlme.data import load_dataset
+    from deepnlme.inference.joint import NegLogJoint
+    from deepnlme.model.zoo.pk import OneCmtOralModel
+
+    pop = load_dataset("theophylline")
+    init = {"tvka": 1.5, "tvcl": 0.04, "tvv": 0.45, "omega": [0.4, 0.07, 0.02]}
+    model = OneCmtOralModel(init=init)
+    return pop, model, NegLogJoint(model)
+
+
+@pytest.mark.parametrize("curvature_scale", [1.0, 30.0, 0.02])
+def test_chord_start_reaches_the_cold_start_modes(curvature_scale):
+    """Modes and Hessians of one θ, then θ moved: from them (even with a badly scaled stored
+    curvature) the search ends at the modes found from η = 0, with no worse gradient."""
+    pop, model, joint = _theophylline_joint()
+    opts = InnerOptions(gtol=1e-8)
+    first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    with torch.no_grad():
+        model.tvka.raw += 0.1
+        model.tvv.raw -= 0.05
+    warm = find_modes(
+        joint, first.eta, pop, options=opts, hessian0=curvature_scale * first.hessian
+    )
+    cold = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    assert bool(warm.converged.all()) and bool(cold.converged.all())
+    torch.testing.assert_close(warm.eta, cold.eta, rtol=0, atol=1e-7)
+    if curvature_scale == 1.0:  # the right curvature: chord steps alone got there
+        assert warm.n_iter == 0 < cold.n_iter
+
+
+def test_chord_steps_stop_subjects_that_do_not_improve():
+    """A stored curvature pointing the wrong way leaves the work to Newton: η unchanged."""
+    pop, model, joint = _theophylline_joint()
+    first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-8))
+    with torch.no_grad():
+        model.tvcl.raw += 0.2
+    eta, done = chord_steps(joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions())
+    assert not bool(done.any())
+    torch.testing.assert_close(eta, first.eta, rtol=0, atol=0)

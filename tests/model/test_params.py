@@ -91,3 +91,32 @@ def test_namespace_names_the_missing_entry():
     eta = model.split_eta(torch.zeros(2, 3))
     with pytest.raises(AttributeError, match="no random effect named 'q'"):
         _ = eta.q
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "full"])
+def test_random_effects_log_prob_is_the_multivariate_normal(structure):
+    omega = [[0.4, 0.0, 0.0], [0.0, 0.07, 0.0], [0.0, 0.0, 0.02]]
+    if structure == "full":
+        omega = [[0.4, 0.05, 0.0], [0.05, 0.07, -0.01], [0.0, -0.01, 0.02]]
+    block = RandomEffects(["ka", "cl", "v"], omega, structure)
+    eta = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    want = torch.distributions.MultivariateNormal(torch.zeros(3), torch.tensor(omega))
+    torch.testing.assert_close(block.log_prob(eta), want.log_prob(eta), rtol=1e-12, atol=1e-12)
+
+
+def test_amounts_namespace_is_lazy_and_names_compartments():
+    from deepnlme.data import load_dataset
+    from deepnlme.model.base import Amounts
+
+    pop = load_dataset("theophylline")
+    model = OneCmtOralModel()
+    indiv = model.individual_parameters(torch.zeros(len(pop), 3), pop)
+    amounts = Amounts(model.dynamics, indiv, pop)
+    assert amounts._values == {}
+    central = amounts.central
+    assert set(amounts._values) == {"central"}  # bolus-only: the depot was not computed
+    torch.testing.assert_close(central, model.dynamics(indiv, pop)[..., 1])
+    assert list(amounts) == ["depot", "central"]
+    message = r"no compartment named 'peripheral'; available: \['depot', 'central'\]"
+    with pytest.raises(AttributeError, match=message):
+        _ = amounts.peripheral
