@@ -67,10 +67,17 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "fit_seconds": timer.seconds,
         **diagnostics.parameter_summary(model),
     }
+    se = None
+    if cfg.get("se", True):
+        se = diagnostics.standard_errors(estimator, fit_pop)
+        if se is None:
+            log.info("no standard errors: the model has parameters besides θ, Ω and σ")
+        else:
+            results["se"] = se
     if heldout_pop is not None:
         results["heldout"] = evaluations[1].metrics()
     diagnostics.write_results(output_dir / "results.json", results)
-    diagnostics.write_tables(output_dir, evaluations, model)
+    diagnostics.write_tables(output_dir, evaluations, model, se=se)
     log.info(
         "loglik %.4f  ofv %.4f  converged %s (%d iterations, %.1f s)  -> %s",
         results["loglik"], results["ofv"], results["converged"], results["n_iter"],

@@ -110,6 +110,13 @@ def test_theophylline_laplace_results(theo_run):
     assert p["omega"] == block["cov"]
     sds = [math.sqrt(block["cov"][i][i]) for i in range(3)]
     assert sds == pytest.approx([0.6526, 0.2652, 0.1339], rel=0.01)
+    # Standard errors: relative SEs of ka, cl, v are the SEs of their logs, which R nlme
+    # reports on these data as 0.1977, 0.0845, 0.0463 (its own approximation: within 5%).
+    se = r["se"]
+    assert set(se) == set(p)
+    rse = [se[name] / p[name] for name in ("tvka", "tvcl", "tvv")]
+    assert rse == pytest.approx([0.1977, 0.0845, 0.0463], rel=0.05)
+    assert all(0 < se["omega"][i][i] < block["cov"][i][i] for i in range(3))
     assert "heldout" not in r
 
 
@@ -126,8 +133,10 @@ def test_theophylline_run_directory(theo_run):
     ebes = pd.read_csv(run_dir / "ebes.csv")
     assert len(ebes) == 12 and {"eta_ka", "eta_cl", "eta_v", "ka", "cl", "v"} <= set(ebes)
     estimates = pd.read_csv(run_dir / "estimates.csv")
-    assert {"name", "value", "domain"} <= set(estimates.columns)
-    assert "tvka" in set(estimates["name"])
+    assert {"name", "value", "se", "domain"} <= set(estimates.columns)
+    results = json.loads((run_dir / "results.json").read_text())
+    row = estimates.set_index("name").loc["tvka"]
+    assert (row["value"], row["se"]) == (results["params"]["tvka"], results["se"]["tvka"])
 
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     meta = checkpoint["deepnlme"]

@@ -4,7 +4,12 @@ EBEs, PRED/IPRED/IWRES, held-out metrics, parameter summaries, tables and plots.
 """
 
 from deepnlme.diagnostics.ebes import ebe_table
-from deepnlme.diagnostics.estimates import estimates_table, omega_blocks, param_values
+from deepnlme.diagnostics.estimates import (
+    estimates_table,
+    omega_blocks,
+    param_values,
+    standard_errors,
+)
 from deepnlme.diagnostics.evaluation import Evaluation, evaluate
 from deepnlme.diagnostics.metrics import objective_summary
 from deepnlme.diagnostics.plots import gof_figure, save_gof
@@ -35,6 +40,7 @@ __all__ = [
     "sample_eta",
     "save_gof",
     "simulate",
+    "standard_errors",
     "write_results",
     "write_tables",
 ]

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
+import torch
 
+from deepnlme.data.population import Population
+from deepnlme.inference.uncertainty import parameter_covariance, undeclared_parameters
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import FullCovariance
 from deepnlme.model.params import RandomEffects
@@ -25,8 +31,18 @@ def omega_blocks(model: NLMEModel) -> dict[str, dict[str, list]]:
     }
 
 
-def estimates_table(model: NLMEModel) -> pd.DataFrame:
-    """One row per estimated scalar: name, value, domain, fixed.
+def standard_errors(estimator, pop: Population) -> dict[str, float | list | None] | None:
+    """Natural-scale standard errors of every declared parameter (None where fixed; NaN where
+    the objective's Hessian is not positive definite), or None for models with network
+    weights (see :func:`deepnlme.inference.uncertainty.parameter_covariance`)."""
+    if undeclared_parameters(estimator.model):
+        return None
+    cov = parameter_covariance(estimator, pop)
+    return {name: None if se is None else se.cpu().tolist() for name, se in cov.se.items()}
+
+
+def estimates_table(model: NLMEModel, se: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """One row per estimated scalar: name, value, domain, fixed (and se when given).
 
     Vectors are written ``name[i]``, other matrices ``name[i,j]``; random-effect covariances
     ``omega[ka,cl]`` by η names: the diagonal, or the lower triangle of a full block.
@@ -34,6 +50,9 @@ def estimates_table(model: NLMEModel) -> pd.DataFrame:
     rows = []
     for name, p in model.declared().items():
         value = p.value().detach().cpu()
+        errors = None
+        if se is not None and se.get(name) is not None:
+            errors = torch.tensor(se[name], dtype=torch.float64)
         full = isinstance(p.domain, FullCovariance)
         for index in itertools.product(*map(range, value.shape)):
             label_index: tuple = index
@@ -47,8 +66,10 @@ def estimates_table(model: NLMEModel) -> pd.DataFrame:
                 {
                     "name": label,
                     "value": float(value[index]),
+                    "se": math.nan if errors is None else float(errors[index]),
                     "domain": p.domain.describe(),
                     "fixed": p.fixed,
                 }
             )
-    return pd.DataFrame(rows, columns=["name", "value", "domain", "fixed"])
+    columns = ["name", "value", "se", "domain", "fixed"]
+    return pd.DataFrame(rows, columns=columns if se is not None else columns[:2] + columns[3:])
