@@ -64,6 +64,20 @@ class Population:
         """True when no observation slot is padding (every subject has T observations)."""
         return bool(self.obs_mask.all())
 
+    @functools.cached_property
+    def obs_dv_filled(self) -> Tensor:
+        """``obs_dv`` ``(N, T)`` with each padding slot holding a real DV (the subject's first,
+        else the population's): a value inside any observation distribution's support, so a
+        likelihood evaluated on every slot (padding masked afterwards) stays finite."""
+        if self.fully_observed or not bool(self.obs_mask.any()):
+            return self.obs_dv
+        first = self.obs_mask.to(torch.int8).argmax(-1, keepdim=True)  # (N, 1)
+        own = self.obs_dv.gather(1, first)
+        has_obs = self.obs_mask.any(-1, keepdim=True)
+        fallback = self.obs_dv[self.obs_mask][0]
+        fill = torch.where(has_obs, own, fallback)
+        return torch.where(self.obs_mask, self.obs_dv, fill)
+
     @property
     def device(self) -> torch.device:
         return self.obs_time.device

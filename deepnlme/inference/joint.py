@@ -71,8 +71,7 @@ class NegLogJoint:
             return JointTerms(0.5 * point.sum(-1) + const + prior, mean, var)
         if self.interaction is False:
             raise ValueError("FOCE without interaction needs a Gaussian residual model")
-        dv = pop.obs_dv
-        logp = dist.log_prob(dv)
+        logp = dist.log_prob(pop.obs_dv_filled)  # padding holds real DVs: finite log_prob
         logp = torch.where(mask, logp, torch.zeros_like(logp))
         return JointTerms(-logp.sum(-1) + prior)
 
