@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,21 @@ def outer_options(method_cfg: DictConfig | Mapping) -> tuple[OuterOptions, int]:
 
 
 # ------------------------------------------------------------------------------------ trainer
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing ..." notes from a fit's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's product tips and its internal deprecation notice out of fit output."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisements) for f in logger.filters):
+        logger.addFilter(_NoAdvertisements())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def build_trainer(
     trainer_cfg: DictConfig | Mapping, output_dir: str | Path, callbacks: list
 ) -> pl.Trainer:
@@ -188,6 +204,7 @@ def build_trainer(
     Adds to ``callbacks`` a checkpoint of every epoch at ``output_dir/checkpoints/last.ckpt``
     and, when the progress bar is enabled, :class:`FitProgressBar`.
     """
+    quiet_lightning()
     config = plain(trainer_cfg)
     checkpoints = ModelCheckpoint(
         dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
