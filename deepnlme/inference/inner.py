@@ -4,8 +4,10 @@ Damped Newton (Levenberg–Marquardt) with per-subject damping: each iteration s
 ``(|H| + λ·diag|H|) δ = -∇l`` where ``|H|`` is the exact Hessian with its eigenvalues
 replaced by their absolute values (so steps always descend, also away from saddles and
 maxima); a step is kept for a subject only if it lowers that subject's l, else its λ grows.
-Near the mode this is Newton's method (quadratic convergence). Subjects that have
-converged drop out: later iterations evaluate only the subjects still moving.
+Near the mode this is Newton's method (quadratic convergence). No step is longer than
+``max_step`` prior SDs of any η (a trust radius: keeps a search from leaping across a barrier
+into another local minimum). Subjects that have converged drop out: later iterations
+evaluate only the subjects still moving.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class InnerOptions:
     # second-order correction to the exact mode, so errors are O(gtol²))
     lambda_first: float = 1e-3  # damping after the first rejected (undamped Newton) step
     lambda_max: float = 1e12
+    max_step: float | None = 2.0  # longest step, in prior SDs of each η (None: no limit).
+    # A trust radius: an unlimited step that happens to lower l can jump across a barrier
+    # into another local minimum (e.g. the flip-flop mode ka ↔ ke of oral absorption).
 
 
 @dataclass
@@ -93,6 +98,21 @@ def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
     return -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
 
 
+def _limit(step: Tensor, scale: Tensor | None, max_step: float | None) -> Tensor:
+    """Shrink each subject's step ``(n, K)`` so that no |δ_j| exceeds ``max_step · scale_j``
+    (``scale`` ``(K,)``: prior SDs of η); the direction is kept."""
+    if scale is None or max_step is None:
+        return step
+    ratio = (step.abs() / (max_step * scale)).amax(-1, keepdim=True).clamp(min=1.0)
+    return step / ratio
+
+
+def _prior_sd(joint: NegLogJoint) -> Tensor | None:
+    """sqrt(diag Ω) ``(K,)`` of the joint's model (detached), None if it has no η."""
+    model = joint.model
+    return model.eta_sd().detach() if model.n_eta else None
+
+
 def _value_and_grad(
     joint: NegLogJoint,
     eta: Tensor,
@@ -137,6 +157,7 @@ def chord_steps(
     Returns η ``(N, K)`` and ``done`` ``(N,)``: the subjects whose gradient is below ``gtol``.
     """
     eta = eta0.detach().clone()
+    scale = _prior_sd(joint)
     done = torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
     chol, info = torch.linalg.cholesky_ex(absolute_eigenvalues(hessian0.detach()))
     active = (info == 0).nonzero().squeeze(-1)
@@ -152,7 +173,8 @@ def chord_steps(
         if not bool(go_on.all()):
             active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-        trial = eta[active] - torch.cholesky_solve(g.unsqueeze(-1), chol[active]).squeeze(-1)
+        step = -torch.cholesky_solve(g.unsqueeze(-1), chol[active]).squeeze(-1)
+        trial = eta[active] + _limit(step, scale, options.max_step)
         _, f_new, g_new = _value_and_grad(joint, trial, sub, sub_v0)
         noise = 1e-13 * (1.0 + f.abs())
         better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
@@ -193,6 +215,7 @@ def newton_steps(
     lower l to be found: the precision limit).
     """
     eta = eta0.detach().clone()
+    scale = _prior_sd(joint)
     n = eta.shape[0]
     lam = eta.new_zeros(n)  # 0: plain Newton step (on the absolute-eigenvalue Hessian)
     stalled = torch.zeros(n, dtype=torch.bool, device=eta.device)
@@ -215,7 +238,7 @@ def newton_steps(
         noise = 1e-13 * (1.0 + f.abs())  # rounding level of l: no real change below it
         trying = torch.ones_like(f, dtype=torch.bool)
         while bool(trying.any()):
-            step = _damped_solve(h, g, lam_a)
+            step = _limit(_damped_solve(h, g, lam_a), scale, options.max_step)
             trial = joint(e + step, sub, sub_v0).nll
             better = trying & (trial <= f + noise) & torch.isfinite(trial)
             e = torch.where(better[:, None], e + step, e)

@@ -202,6 +202,10 @@ class NLMEModel(nn.Module):
             start += block.k
         return total
 
+    def eta_sd(self) -> Tensor:
+        """Prior standard deviations of η, ``sqrt(diag Ω)`` ``(n_eta,)``."""
+        return torch.cat([torch.diagonal(b.value()).sqrt() for b in self.random_effects()])
+
     def eta_precision(self) -> Tensor:
         """Block-diagonal Ω⁻¹, ``(n_eta, n_eta)``."""
         return torch.block_diag(*[b.precision() for b in self.random_effects()])

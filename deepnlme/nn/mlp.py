@@ -130,6 +130,12 @@ class CovariateEtaMLP(nn.Module):
         """Σ w² over every weight and bias (the L2 penalty's sum), a scalar."""
         return sum((w * w).sum() for w in self.parameters())
 
+    def eta_sum_of_squares(self) -> Tensor:
+        """Σ w² over the first layer's weights that multiply η (part of :meth:`sum_of_squares`)."""
+        first = self.layers[0].weight  # (hidden[0] or n_out, C + K)
+        w = first[:, self.n_covariates :]
+        return (w * w).sum()
+
 
 def scaler_from_mapping(
     names: Sequence[str],

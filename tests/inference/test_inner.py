@@ -73,3 +73,28 @@ def test_chord_steps_stop_subjects_that_do_not_improve():
     eta, done = chord_steps(joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions())
     assert not bool(done.any())
     torch.testing.assert_close(eta, first.eta, rtol=0, atol=0)
+
+
+def test_step_limit_keeps_direction_and_longest_component():
+    from deepnlme.inference.inner import _limit
+
+    step = torch.tensor([[0.3, -4.0, 1.0], [0.1, 0.1, 0.1]])
+    scale = torch.tensor([1.0, 0.5, 2.0])
+    out = _limit(step, scale, 2.0)
+    assert torch.equal(out[1], step[1])  # within the radius: unchanged
+    torch.testing.assert_close(out[0], step[0] / 4.0)  # |-4| / 0.5 = 8 SDs -> 2 SDs
+    assert torch.equal(_limit(step, scale, None), step)
+
+
+def test_modes_many_prior_sds_away_are_still_found():
+    """With a tight Ω the modes lie several prior SDs out: the limited search (more, shorter
+    steps) ends where the unlimited one does."""
+    pop, model, joint = _theophylline_joint()
+    model.omega.set_value([0.01, 0.01, 0.01])
+    limited = find_modes(joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-9))
+    free = find_modes(
+        joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-9, max_step=None)
+    )
+    assert bool(limited.converged.all())
+    assert float((limited.eta.abs() / 0.1).max()) > 3.0  # some subject beyond 3 SDs
+    torch.testing.assert_close(limited.eta, free.eta, rtol=0, atol=1e-8)

@@ -99,6 +99,22 @@ def test_log_prior_is_the_l2_penalty():
     assert neural(weight_decay=0.0).log_prior() == 0
 
 
+def test_eta_weight_decay_weighs_the_eta_input_weights():
+    model = neural(weight_decay=0.7, eta_weight_decay=5.0)
+    randomize_output_layer(model)
+    first = model.net.layers[0].weight
+    on_eta = (first[:, len(COVARIATES) :] ** 2).sum()
+    total = sum((w**2).sum() for w in model.net.parameters())
+    torch.testing.assert_close(model.log_prior(), -0.5 * (0.7 * (total - on_eta) + 5.0 * on_eta))
+    same = neural(weight_decay=0.7)
+    assert same.eta_weight_decay == 0.7
+    no_eta = neural(weight_decay=0.7, eta_weight_decay=5.0, eta_inputs=False)
+    total = sum((w**2).sum() for w in no_eta.net.parameters())
+    torch.testing.assert_close(no_eta.log_prior(), -0.5 * 0.7 * total)
+    with pytest.raises(ValueError, match="eta_weight_decay"):
+        neural(eta_weight_decay=-1.0)
+
+
 def test_seeded_init_float64_and_zero_output():
     a, b, c = neural(seed=5), neural(seed=5), neural(seed=6)
     for wa, wb in zip(a.net.parameters(), b.net.parameters(), strict=True):
@@ -159,6 +175,9 @@ def test_config_instantiates_the_model():
     assert isinstance(model, NeuralPKModel)
     assert model.covariates == tuple(data.covariates)
     assert list(cfg.model.fixed) == [] and dict(cfg.model.init) == {}
+    # The main job feeds η to the network (with the stronger prior on those weights).
+    assert model.eta_inputs and model.net.n_eta == model.n_eta == 3
+    assert model.eta_weight_decay == model_cfg.eta_weight_decay > model.weight_decay
     ref = NeuralPKModel(
         list(data.covariates),
         hidden=list(model_cfg.hidden),

@@ -18,7 +18,13 @@ Covariate inputs are normalized by fixed constants ``(x − center) / scale`` (d
 :data:`DEFAULT_NORMALIZATION`, overridable per covariate with ``normalization``); a training
 script may instead call :meth:`NeuralPKModel.fit_normalization` on the *fitting* population
 (never on data including held-out subjects). The network's weights and biases are fixed
-effects with the Gaussian prior ``log p(w) = −½ · weight_decay · Σ w²`` (:meth:`log_prior`).
+effects with the Gaussian prior ``log p(w) = −½ · weight_decay · Σ w²`` (:meth:`log_prior`);
+the first-layer weights on η may carry a stronger one (``eta_weight_decay``). That keeps the
+network from cancelling the η skip: with the plain prior it does, Ω's variance of ``eta1``
+inflates while the effective spread stays put, deep η excursions become cheap, and the inner
+mode search of some subjects can land in the one-compartment model's flip-flop local minimum
+(ka ↔ ke swapped) — a jump of the Laplace objective that stalls the outer L-BFGS
+(``experiments/neural_pk/README.md``, "η as network inputs").
 Call ``.double()`` for float64 (the network follows).
 """
 
@@ -62,6 +68,9 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
         hidden: widths of the hidden layers.
         activation: a smooth activation name (see :data:`deepnlme.nn.mlp.ACTIVATIONS`).
         weight_decay: strength λ of the L2 prior ``−½ λ Σ w²`` on network weights and biases.
+        eta_weight_decay: strength of the L2 prior on the first-layer weights that multiply η
+            (``None``: ``weight_decay``). Larger values keep the network's η-dependence small
+            (see :meth:`log_prior`).
         normalization: ``{name: (center, scale)}`` overriding :data:`DEFAULT_NORMALIZATION`.
         error: residual error model (``proportional``, ``additive``, ``combined``,
             ``lognormal``).
@@ -86,6 +95,7 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
         hidden: Sequence[int] = (8,),
         activation: str = "tanh",
         weight_decay: float = 15.0,
+        eta_weight_decay: float | None = None,
         normalization: Mapping[str, Sequence[float]] | None = None,
         error: str = "proportional",
         eta_skip: bool = True,
@@ -103,8 +113,13 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
             raise ValueError(f"n_eta must be >= 0, got {n_eta}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if eta_weight_decay is not None and eta_weight_decay < 0:
+            raise ValueError(f"eta_weight_decay must be >= 0 or None, got {eta_weight_decay}")
         self.covariates = tuple(str(c) for c in covariates)
         self.weight_decay = float(weight_decay)
+        self.eta_weight_decay = (
+            self.weight_decay if eta_weight_decay is None else float(eta_weight_decay)
+        )
         self.eta_skip = bool(eta_skip)
         self.eta_inputs = bool(eta_inputs)
         if not (self.eta_inputs or self.eta_skip) and n_eta > 0:
@@ -185,5 +200,10 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
         return self.observation(p, conc)
 
     def log_prior(self) -> Tensor:
-        """``−½ · weight_decay · Σ w²`` over the network's weights and biases (a scalar)."""
-        return -0.5 * self.weight_decay * self.net.sum_of_squares()
+        """``−½ · weight_decay · Σ w²`` over the network's weights and biases (a scalar), with
+        ``eta_weight_decay`` instead of ``weight_decay`` for the first-layer weights on η."""
+        total = self.net.sum_of_squares()
+        if self.eta_weight_decay == self.weight_decay or self.net.n_eta == 0:
+            return -0.5 * self.weight_decay * total
+        eta = self.net.eta_sum_of_squares()
+        return -0.5 * (self.weight_decay * (total - eta) + self.eta_weight_decay * eta)
