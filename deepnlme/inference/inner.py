@@ -34,6 +34,9 @@ class InnerOptions:
     max_step: float | None = 2.0  # longest step, in prior SDs of each η (None: no limit).
     # A trust radius: an unlimited step that happens to lower l can jump across a barrier
     # into another local minimum (e.g. the flip-flop mode ka ↔ ke of oral absorption).
+    restart_sd: float | None = 4.0  # warm-started modes beyond this many prior SDs are
+    # searched again from η = 0 and the lower l kept (None: never): a warm start left far out
+    # by a wild trial point must not decide which local minimum a subject ends in.
 
 
 @dataclass
@@ -253,6 +256,30 @@ def newton_steps(
     return eta, it, stalled
 
 
+def restart_far(
+    joint: NegLogJoint,
+    eta: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    options: InnerOptions,
+) -> Tensor:
+    """Modes ``eta`` ``(N, K)`` beyond ``restart_sd`` prior SDs, searched again from η = 0:
+    where that search ends at a lower l, its mode replaces the first. Returns η ``(N, K)``."""
+    scale = _prior_sd(joint)
+    if options.restart_sd is None or scale is None:
+        return eta
+    far = ((eta / scale).abs().amax(-1) > options.restart_sd).nonzero()[:, 0]
+    if not far.numel():
+        return eta
+    sub, sub_v0 = _restrict(pop, variance0, far, eta.shape[0])
+    alt, _, _ = newton_steps(joint, torch.zeros_like(eta[far]), sub, sub_v0, options)
+    f_far, f_alt = joint(eta[far], sub, sub_v0).nll, joint(alt, sub, sub_v0).nll
+    lower = f_alt < f_far - 1e-9 * (1.0 + f_far.abs())
+    eta = eta.clone()
+    eta[far[lower]] = alt[lower]
+    return eta
+
+
 def find_modes(
     joint: NegLogJoint,
     eta0: Tensor,
@@ -266,7 +293,8 @@ def find_modes(
 
     ``hessian0`` ``(N, K, K)``, the Hessians at ``eta0`` when those are the modes of a nearby
     evaluation, lets cheap chord steps (:func:`chord_steps`) do most of the work first; damped
-    Newton steps (:func:`newton_steps`) finish. The search builds no graph to the model's
+    Newton steps (:func:`newton_steps`) finish; from a warm start, modes far out get a second
+    search from η = 0 (:func:`restart_far`). The search builds no graph to the model's
     parameters; one evaluation of l, ∂l/∂η and ∂²l/∂η² at the modes follows, whose results
     keep their graphs with ``keep_graph`` (the Laplace objective and its implicit gradient are
     built from them).
@@ -283,6 +311,8 @@ def find_modes(
         if hessian0 is not None and opts.chord_iter > 0:
             eta, done = chord_steps(joint, eta, hessian0, pop, v_search, opts)
         eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
+        if bool(eta0.detach().abs().max() > 0):  # warm-started: far modes get a second look
+            eta = restart_far(joint, eta, pop, v_search, opts)
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
     leaf = eta.detach().requires_grad_(True)
     with torch.enable_grad():

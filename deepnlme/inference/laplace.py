@@ -24,6 +24,10 @@ from deepnlme.inference.joint import NegLogJoint
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import LOG_2PI
 
+#: Objective reported where the Laplace objective is not finite: far above any real value
+#: yet finite, so that cubic interpolation in a line search stays finite too.
+INFEASIBLE_LOSS = 1e15
+
 
 class LaplaceEstimator:
     """Marginal likelihood by a Gaussian approximation around each subject's mode.
@@ -135,6 +139,7 @@ class LaplaceEstimator:
         gives its derivatives for η and for every trainable parameter at once; the latter are
         attached to the returned loss, so ``loss.backward()`` does not traverse it again.
         """
+        stored = self._stored_modes(pop)
         t = self._terms(pop, warm_start=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(
@@ -143,10 +148,36 @@ class LaplaceEstimator:
         light = self._neg_loglik(t, grads[0]).sum()
         value = light.detach() + 0.5 * t.logdet.detach().sum()
         # The logdet's gradient is attached as Σ ½ p·∂(log det)/∂p (value removed below).
+        finite = torch.isfinite(value)
         for p, g in zip(params, grads[1:], strict=False):
             if g is not None:
                 light = light + 0.5 * (p * g).sum()
+                finite = finite & torch.isfinite(g).all()
+        if not bool(finite):
+            return self._infeasible(pop, stored, params)
         return light - light.detach() + value - self.model.log_prior()
+
+    def _stored_modes(self, pop: Population) -> tuple[Tensor, Tensor | None] | None:
+        """Copies of the stored modes and Hessians of ``pop``'s subjects (to undo an update)."""
+        if self._eta_hat is None or self._eta_hat.shape[0] <= int(pop.subject_index.max()):
+            return None
+        hess = None if self._hessian is None else self._hessian[pop.subject_index].clone()
+        return self._eta_hat[pop.subject_index].clone(), hess
+
+    def _infeasible(self, pop: Population, stored, params: list[Tensor]) -> Tensor:
+        """The objective at parameters where it is not finite (a far line-search trial, say):
+        :data:`INFEASIBLE_LOSS` with a zero gradient, so that a line search backtracks (NaN or
+        inf would poison its interpolation), and the previous modes kept for warm starts."""
+        if stored is None:
+            self.reset()
+        else:
+            self._eta_hat[pop.subject_index] = stored[0]
+            if stored[1] is not None:
+                self._hessian[pop.subject_index] = stored[1]
+            else:
+                self._hessian = None
+        zero = sum((0.0 * p).sum() for p in params)
+        return zero + INFEASIBLE_LOSS
 
     def loglik(self, pop: Population, warm_start: bool = True) -> float:
         """Marginal log-likelihood of ``pop`` at the current parameters."""

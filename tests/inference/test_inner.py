@@ -98,3 +98,52 @@ def test_modes_many_prior_sds_away_are_still_found():
     assert bool(limited.converged.all())
     assert float((limited.eta.abs() / 0.1).max()) > 3.0  # some subject beyond 3 SDs
     torch.testing.assert_close(limited.eta, free.eta, rtol=0, atol=1e-8)
+
+
+def test_infeasible_parameters_give_a_finite_barrier_and_keep_the_modes():
+    """Where the objective is not finite (exp overflow at a far line-search trial), the loss is
+    INFEASIBLE_LOSS with zero gradient and the stored warm starts stay those of the last
+    finite evaluation."""
+    from deepnlme.data import load_dataset
+    from deepnlme.inference import Laplace
+    from deepnlme.inference.laplace import INFEASIBLE_LOSS
+    from deepnlme.model.zoo.pk import OneCmtOralModel
+
+    pop = load_dataset("theophylline")
+    model = OneCmtOralModel()
+    estimator = Laplace(model)
+    finite = estimator.loss(pop)
+    modes = estimator.modes(pop)
+    with torch.no_grad():
+        model.tvcl.raw.fill_(800.0)
+    assert not torch.isfinite(estimator.joint(modes, pop).nll).all()  # the model overflows
+    loss = estimator.loss(pop)
+    loss.backward()
+    assert float(loss.detach()) == INFEASIBLE_LOSS > float(finite.detach())
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+    torch.testing.assert_close(estimator._eta_hat, modes, rtol=0, atol=0)
+
+
+def test_warm_start_in_the_flip_flop_mode_is_searched_again_from_zero():
+    """Oral absorption has a second local minimum per subject, ka and ke swapped (V scaled by
+    ke/ka, CL unchanged): the same curve, a worse prior. A warm start left there (far out in
+    η) must not keep a subject in it."""
+    pop, model, joint = _theophylline_joint()
+    model.sigma_add.set_value(0.05)  # sharp data: a deep barrier between the two minima
+    opts = InnerOptions(gtol=1e-8)
+    cold = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    p = model.param_values()
+    indiv = model.individual_parameters(cold.eta, pop)
+    ke = indiv["cl"] / indiv["v"]
+    flipped = torch.stack(
+        [
+            torch.log(ke / p["tvka"]),
+            cold.eta[:, 1],
+            torch.log(indiv["v"] * ke / indiv["ka"] / p["tvv"]),
+        ],
+        -1,
+    ).detach()
+    stay = find_modes(joint, flipped, pop, options=InnerOptions(gtol=1e-8, restart_sd=None))
+    assert bool((stay.nll > cold.nll + 1.0).any())  # some subjects sit in the flip-flop mode
+    back = find_modes(joint, flipped, pop, options=opts)
+    torch.testing.assert_close(back.eta, cold.eta, rtol=0, atol=1e-6)
