@@ -15,34 +15,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from deepnlme import diagnostics
-from deepnlme.fitted import FittedModel
+from deepnlme import commands, diagnostics
 from deepnlme.training import build
 
 log = logging.getLogger("deepnlme.predict")
 
 
-def load_fitted(ckpt_path: str) -> FittedModel:
-    """:meth:`FittedModel.load`, with unusable files reported as a :class:`SetupError`."""
-    try:
-        return FittedModel.load(ckpt_path)
-    except (OSError, ValueError, KeyError, ImportError, AttributeError, RuntimeError) as exc:
-        raise build.SetupError(f"cannot load checkpoint {ckpt_path}: {exc}") from exc
-
-
 def predict(cfg: DictConfig, output_dir: Path) -> dict:
     """Evaluate the checkpoint on the configured subjects; returns results.json."""
-    fitted = load_fitted(str(cfg.ckpt_path))
-    data = build.plain(cfg.data) if cfg.get("data") is not None else dict(fitted.config["data"])
-    data = {**data, "heldout_fraction": 0.0, "covariates": data.get("covariates") or []}
-    if not data["covariates"]:
-        data["covariates"] = fitted.covariate_names
-    pop, _ = build.load_data(data, fitted.dtype)
-    build.check_data(fitted.model, pop)
+    fitted = commands.load_fitted(str(cfg.ckpt_path))
+    pop, data_name = commands.load_subjects(cfg, fitted)
     evaluation = fitted.evaluate(pop, split="predict")
     results = {
         **fitted.names,
-        "data": str(data["name"]),
+        "data": data_name,
         "ckpt_path": str(cfg.ckpt_path),
         **diagnostics.likelihood_summary(fitted.model, evaluation),
         **diagnostics.parameter_summary(fitted.model),

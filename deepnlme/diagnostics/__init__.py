@@ -1,6 +1,7 @@
 """Diagnostics: pure functions of a model, an estimator and a population (no Lightning).
 
-EBEs, PRED/IPRED/IWRES, held-out metrics, parameter summaries, tables and plots.
+EBEs, PRED/IPRED/IWRES, held-out metrics, parameter summaries, tables and plots, visual
+predictive checks.
 """
 
 from deepnlme.diagnostics.ebes import ebe_table
@@ -21,6 +22,7 @@ from deepnlme.diagnostics.report import (
     write_tables,
 )
 from deepnlme.diagnostics.simulation import sample_eta, simulate
+from deepnlme.diagnostics.vpc import save_vpc, vpc_coverage, vpc_figure, vpc_statistics
 
 __all__ = [
     "Evaluation",
@@ -39,8 +41,12 @@ __all__ = [
     "rmse",
     "sample_eta",
     "save_gof",
+    "save_vpc",
     "simulate",
     "standard_errors",
+    "vpc_coverage",
+    "vpc_figure",
+    "vpc_statistics",
     "write_results",
     "write_tables",
 ]

@@ -1,0 +1,40 @@
+"""Steps shared by the commands that reuse a fit (``predict.py``, ``simulate.py``).
+
+Both reload a checkpoint safely (:meth:`FittedModel.load`: plain data only) and apply it to
+a population: the ``data=...`` of the command line, else the checkpoint's training data (all
+its subjects, held-out ones included). Problems a user can fix are raised as
+:class:`~deepnlme.training.build.SetupError` or
+:class:`~deepnlme.data.errors.DataValidationError` (one line on stderr, exit status 1).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from deepnlme.data.population import Population
+from deepnlme.fitted import FittedModel
+from deepnlme.training import build
+
+
+def load_fitted(ckpt_path: str) -> FittedModel:
+    """:meth:`FittedModel.load`, with unusable files reported as a :class:`SetupError`."""
+    try:
+        return FittedModel.load(ckpt_path)
+    except (OSError, ValueError, KeyError, ImportError, AttributeError, RuntimeError) as exc:
+        raise build.SetupError(f"cannot load checkpoint {ckpt_path}: {exc}") from exc
+
+
+def load_subjects(cfg: DictConfig, fitted: FittedModel) -> tuple[Population, str]:
+    """``(population, data name)`` a command applies ``fitted`` to.
+
+    ``cfg.data`` when given, else the checkpoint's training data config; no subjects are held
+    out, and an empty ``covariates`` list means the covariates the model was trained with.
+    The population is in the fit's dtype and checked against the model (covariates, CMT).
+    """
+    data = build.plain(cfg.data) if cfg.get("data") is not None else dict(fitted.config["data"])
+    data = {**data, "heldout_fraction": 0.0, "covariates": data.get("covariates") or []}
+    if not data["covariates"]:
+        data["covariates"] = fitted.covariate_names
+    pop, _ = build.load_data(data, fitted.dtype)
+    build.check_data(fitted.model, pop)
+    return pop, str(data["name"])
