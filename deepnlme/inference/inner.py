@@ -259,25 +259,27 @@ def newton_steps(
 def restart_far(
     joint: NegLogJoint,
     eta: Tensor,
+    stalled: Tensor,
     pop: Population,
     variance0: Tensor | None,
     options: InnerOptions,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Modes ``eta`` ``(N, K)`` beyond ``restart_sd`` prior SDs, searched again from η = 0:
-    where that search ends at a lower l, its mode replaces the first. Returns η ``(N, K)``."""
+    where that search ends at a lower l, its mode (and its ``stalled`` flag ``(N,)``) replaces
+    the first. Returns η ``(N, K)`` and ``stalled``."""
     scale = _prior_sd(joint)
     if options.restart_sd is None or scale is None:
-        return eta
+        return eta, stalled
     far = ((eta / scale).abs().amax(-1) > options.restart_sd).nonzero()[:, 0]
     if not far.numel():
-        return eta
+        return eta, stalled
     sub, sub_v0 = _restrict(pop, variance0, far, eta.shape[0])
-    alt, _, _ = newton_steps(joint, torch.zeros_like(eta[far]), sub, sub_v0, options)
+    alt, _, alt_stalled = newton_steps(joint, torch.zeros_like(eta[far]), sub, sub_v0, options)
     f_far, f_alt = joint(eta[far], sub, sub_v0).nll, joint(alt, sub, sub_v0).nll
     lower = f_alt < f_far - 1e-9 * (1.0 + f_far.abs())
-    eta = eta.clone()
-    eta[far[lower]] = alt[lower]
-    return eta
+    eta, stalled = eta.clone(), stalled.clone()
+    eta[far[lower]], stalled[far[lower]] = alt[lower], alt_stalled[lower]
+    return eta, stalled
 
 
 def find_modes(
@@ -312,7 +314,7 @@ def find_modes(
             eta, done = chord_steps(joint, eta, hessian0, pop, v_search, opts)
         eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
         if bool(eta0.detach().abs().max() > 0):  # warm-started: far modes get a second look
-            eta = restart_far(joint, eta, pop, v_search, opts)
+            eta, stalled = restart_far(joint, eta, stalled, pop, v_search, opts)
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
     leaf = eta.detach().requires_grad_(True)
     with torch.enable_grad():
