@@ -19,7 +19,12 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
-from deepnlme.inference.inner import InnerOptions, absolute_eigenvalues, find_modes
+from deepnlme.inference.inner import (
+    InnerOptions,
+    InnerResult,
+    absolute_eigenvalues,
+    find_modes,
+)
 from deepnlme.inference.joint import NegLogJoint
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import LOG_2PI
@@ -92,21 +97,24 @@ class LaplaceEstimator:
             self.joint, eta0, pop, variance0, self.inner, keep_graph=True, hessian0=hessian0
         )
         self.last_inner = result
+        chol = _pd_cholesky(result.hessian)
         if self.hessian == "exact":
-            curvature, leaf = result.hessian, result.leaf
+            leaf, logdet = result.leaf, _cholesky_logdet(chol)
         else:
             # Expected information at the modes: one more evaluation, with its own η leaf.
             leaf = result.eta.detach().requires_grad_(True)
             terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
             curvature = self.joint.expected_information(d_mean, d_var, terms.variance, pop.obs_mask)
-        chol = _pd_cholesky(result.hessian.detach())
+            logdet = _logdet(curvature)
+        return _LaplaceTerms(leaf, result.nll, result.grad, logdet, chol.detach(), result)
+
+    def _remember(self, pop: Population, result: InnerResult) -> None:
+        """Store the modes and exact Hessians of ``pop``'s subjects for the next warm start."""
         self._eta_hat[pop.subject_index] = result.eta.detach()
         if self._hessian is None:
             k = result.eta.shape[-1]
             self._hessian = result.eta.new_full((self._eta_hat.shape[0], k, k), float("nan"))
         self._hessian[pop.subject_index] = result.hessian.detach()
-        logdet = _logdet(curvature)
-        return _LaplaceTerms(leaf, result.nll, result.grad, logdet, chol)
 
     def _neg_loglik(self, t: _LaplaceTerms, dlogdet_deta: Tensor | None) -> Tensor:
         """-log p(y_i) ``(N,)`` from the terms at η̂, corrected to the exact mode η*.
@@ -129,6 +137,7 @@ class LaplaceEstimator:
     def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
         t = self._terms(pop, warm_start)
+        self._remember(pop, t.inner)
         (grad,) = torch.autograd.grad(t.logdet.sum(), t.leaf, retain_graph=True, allow_unused=True)
         return -(self._neg_loglik(t, grad) + 0.5 * t.logdet)
 
@@ -139,7 +148,6 @@ class LaplaceEstimator:
         gives its derivatives for η and for every trainable parameter at once; the latter are
         attached to the returned loss, so ``loss.backward()`` does not traverse it again.
         """
-        stored = self._stored_modes(pop)
         t = self._terms(pop, warm_start=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(
@@ -154,30 +162,12 @@ class LaplaceEstimator:
                 light = light + 0.5 * (p * g).sum()
                 finite = finite & torch.isfinite(g).all()
         if not bool(finite):
-            return self._infeasible(pop, stored, params)
+            # Not finite (a far line-search trial, say): a finite barrier with zero gradient,
+            # so that a line search backtracks (NaN or inf would poison its interpolation);
+            # the modes found here are not kept as warm starts.
+            return sum((0.0 * p).sum() for p in params) + INFEASIBLE_LOSS
+        self._remember(pop, t.inner)
         return light - light.detach() + value - self.model.log_prior()
-
-    def _stored_modes(self, pop: Population) -> tuple[Tensor, Tensor | None] | None:
-        """Copies of the stored modes and Hessians of ``pop``'s subjects (to undo an update)."""
-        if self._eta_hat is None or self._eta_hat.shape[0] <= int(pop.subject_index.max()):
-            return None
-        hess = None if self._hessian is None else self._hessian[pop.subject_index].clone()
-        return self._eta_hat[pop.subject_index].clone(), hess
-
-    def _infeasible(self, pop: Population, stored, params: list[Tensor]) -> Tensor:
-        """The objective at parameters where it is not finite (a far line-search trial, say):
-        :data:`INFEASIBLE_LOSS` with a zero gradient, so that a line search backtracks (NaN or
-        inf would poison its interpolation), and the previous modes kept for warm starts."""
-        if stored is None:
-            self.reset()
-        else:
-            self._eta_hat[pop.subject_index] = stored[0]
-            if stored[1] is not None:
-                self._hessian[pop.subject_index] = stored[1]
-            else:
-                self._hessian = None
-        zero = sum((0.0 * p).sum() for p in params)
-        return zero + INFEASIBLE_LOSS
 
     def loglik(self, pop: Population, warm_start: bool = True) -> float:
         """Marginal log-likelihood of ``pop`` at the current parameters."""
@@ -185,8 +175,9 @@ class LaplaceEstimator:
 
     def modes(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Empirical Bayes estimates η̂ ``(N, K)`` at the current parameters."""
-        self._terms(pop, warm_start)
-        return self._eta_hat[pop.subject_index].clone()
+        result = self._terms(pop, warm_start).inner
+        self._remember(pop, result)
+        return result.eta.detach().clone()
 
 
 class _LaplaceTerms(NamedTuple):
@@ -195,35 +186,24 @@ class _LaplaceTerms(NamedTuple):
     grad: Tensor  # (N, K) ∇_η l at η̂
     logdet: Tensor  # (N,) log det of the Hessian (exact or expected) at η̂
     chol: Tensor  # (N, K, K) Cholesky factor of the exact Hessian (detached)
-
-
-def _symmetric(h: Tensor) -> Tensor:
-    """Symmetrize a batch of Hessians ``(N, K, K)``."""
-    return 0.5 * (h + h.transpose(-1, -2))
+    inner: InnerResult  # the mode search (modes and exact Hessians, for warm starts)
 
 
 def _pd_cholesky(h: Tensor) -> Tensor:
     """Cholesky factors ``(N, K, K)`` of H, or of |H| (absolute eigenvalues) where H is not
-    positive definite (a subject stopped short of its mode)."""
-    chol, info = torch.linalg.cholesky_ex(_symmetric(h))
-    bad = info != 0
-    if bool(bad.any()):
-        chol = torch.where(bad[:, None, None], torch.linalg.cholesky(absolute_eigenvalues(h)), chol)
-    return chol
+    positive definite (a subject stopped short of its mode); differentiable."""
+    return torch.linalg.cholesky(absolute_eigenvalues(h))
 
 
 def _logdet(h: Tensor) -> Tensor:
     """log det ``(N,)`` of each ``(N, K, K)`` Hessian; log |det| where it is not positive
     definite (see :func:`_pd_cholesky`), so that the objective stays finite."""
-    h = _symmetric(h)
-    chol, info = torch.linalg.cholesky_ex(h)
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    bad = info != 0
-    if bool(bad.any()):
-        pd_chol = torch.linalg.cholesky(absolute_eigenvalues(h))
-        pd_logdet = 2.0 * torch.log(torch.diagonal(pd_chol, dim1=-2, dim2=-1)).sum(-1)
-        logdet = torch.where(bad, pd_logdet, logdet)
-    return logdet
+    return _cholesky_logdet(_pd_cholesky(h))
+
+
+def _cholesky_logdet(chol: Tensor) -> Tensor:
+    """log det ``(N,)`` of the matrices whose Cholesky factors are ``chol`` ``(N, K, K)``."""
+    return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
 
 
 def Laplace(model: NLMEModel, **kw) -> LaplaceEstimator:  # noqa: N802 (estimator name)
