@@ -94,13 +94,16 @@ class Population:
         return [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Population:
-        """Move to ``device``; floating tensors are cast to ``dtype`` when given."""
+        """Move to ``device``; floating tensors are cast to ``dtype`` when given. Returns
+        ``self`` when nothing would change (cached properties stay)."""
         changes = {}
         for name in self._tensor_fields():
             t = getattr(self, name)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype=dtype)
             changes[name] = t.to(device) if device is not None else t
+        if all(changes[name] is getattr(self, name) for name in changes):
+            return self
         return replace(self, **changes)
 
     def subset(self, index: Tensor | list[int]) -> Population:

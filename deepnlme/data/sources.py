@@ -22,6 +22,7 @@ import torch
 from deepnlme.data.build import load_population
 from deepnlme.data.datasets import DATASETS, load_dataset
 from deepnlme.data.population import Population
+from deepnlme.data.synthetic import synthetic_pk
 
 #: Keys of a data config that describe the train/held-out split, not the source.
 SPLIT_KEYS = ("heldout_fraction", "split_seed")
@@ -69,8 +70,6 @@ def load_source(
     """
     covariates = [str(c) for c in covariates]
     if name in SYNTHETIC:
-        from deepnlme.data.synthetic import synthetic_pk  # optional part of the package
-
         pop = synthetic_pk(dtype=dtype, **extra)
         return select_covariates(pop, covariates) if covariates else pop
     if extra:

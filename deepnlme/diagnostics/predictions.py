@@ -41,7 +41,7 @@ class Predictions:
 @torch.no_grad()
 def predict(model: NLMEModel, pop: Population, eta: Tensor) -> Predictions:
     """Predictions of ``model`` for ``pop`` at the random effects ``eta`` ``(N, K)``."""
-    dv = torch.where(pop.obs_mask, pop.obs_dv, torch.ones_like(pop.obs_dv))
+    dv = pop.obs_dv_filled
     individual = model.observe(eta, pop)
     population = model.observe(torch.zeros_like(eta), pop)
     iwres = weighted_residual(individual, dv)

@@ -128,15 +128,20 @@ class _Pairs(NamedTuple):
     w: Tensor | None  # s + II - T: time since the end of the previous dose of the train
 
 
-def _pairs(pop: Population, doses: Doses) -> _Pairs:
-    t = pop.obs_time[:, :, None]
-    tau = t - doses.time[:, None, :]  # (N, T, D)
-    started = tau >= 0
-    active = (
+def _same_epoch(pop: Population, doses: Doses) -> Tensor:
+    """``(N, T, D)`` bool: real observation, real dose, same reset epoch (timing aside)."""
+    return (
         pop.obs_mask[:, :, None]
         & doses.mask[:, None, :]
         & (pop.obs_epoch[:, :, None] == doses.epoch[:, None, :])
     )
+
+
+def _pairs(pop: Population, doses: Doses) -> _Pairs:
+    t = pop.obs_time[:, :, None]
+    tau = t - doses.time[:, None, :]  # (N, T, D)
+    started = tau >= 0
+    active = _same_epoch(pop, doses)
     flags = doses.flags
     if flags.ss:
         ss = doses.ss[:, None, :]
@@ -355,25 +360,23 @@ def _bolus_pairs(pop: Population, doses: Doses) -> tuple[Tensor, Tensor]:
     """Time since each bolus ``(N, T, D)`` (0 where the dose does not act) and the
     dose amounts where it acts ``(N, T, D)`` (0 elsewhere)."""
     s = pop.obs_time[:, :, None] - doses.time[:, None, :]
-    active = (
-        pop.obs_mask[:, :, None]
-        & doses.mask[:, None, :]
-        & (pop.obs_epoch[:, :, None] == doses.epoch[:, None, :])
-        & (s >= 0)
-    )
+    active = _same_epoch(pop, doses) & (s >= 0)
     s = torch.where(active, s, 0.0)
     return s, torch.where(active, doses.amount[:, None, :], 0.0)
 
 
 class _OneCmt(LinearCompartmentModel):
+    @staticmethod
+    def _k(indiv: Mapping[str, Tensor]) -> Tensor:
+        """Elimination rate ``cl / v`` (1/time), ``(N,)``."""
+        return (_param(indiv, "cl") / _param(indiv, "v")).reshape(-1)
+
     def disposition(self, indiv):
-        k = _param(indiv, "cl") / _param(indiv, "v")
-        k = k.reshape(-1, 1)
+        k = self._k(indiv)[:, None]
         return k, torch.ones_like(k)[:, None, :, None]
 
     def core_matrix(self, indiv):
-        k = (_param(indiv, "cl") / _param(indiv, "v")).reshape(-1, 1, 1)
-        return -k
+        return -self._k(indiv).reshape(-1, 1, 1)
 
 
 class _TwoCmt(LinearCompartmentModel):
@@ -416,7 +419,7 @@ class OneCmtIV(_OneCmt):
 
     def bolus_amounts(self, indiv, pop, doses, names):
         """``central(t) = Σ_d amt_d · e^{-k (t - t_d)}``, ``(N, T)``."""
-        k = (_param(indiv, "cl") / _param(indiv, "v")).reshape(-1, 1, 1)
+        k = self._k(indiv).reshape(-1, 1, 1)
         s, amt = _bolus_pairs(pop, doses)
         return {"central": (amt * torch.exp(-k * s)).sum(-1)}
 
@@ -441,7 +444,7 @@ class OneCmtOral(_OneCmt):
         """Depot ``Σ amt·e^{-ka s}``; central ``Σ amt·ka/(ka-k)·(e^{-k s} - e^{-ka s})`` for
         depot doses and ``Σ amt·e^{-k s}`` for doses into central, each ``(N, T)``."""
         ka = _param(indiv, "ka").reshape(-1, 1, 1)
-        k = (_param(indiv, "cl") / _param(indiv, "v")).reshape(-1, 1, 1)
+        k = self._k(indiv).reshape(-1, 1, 1)
         gap = ka - k
         if not bool((gap.abs() > self.min_relative_gap * torch.maximum(ka, k)).all()):
             return None
@@ -454,7 +457,7 @@ class OneCmtOral(_OneCmt):
         if "central" in names:
             e_k = torch.exp(-k * s)
             chain = ka / gap * (e_k - e_a)
-            if bool(into_depot.all()):  # the usual case: every dose into the depot
+            if doses.flags.max_cmt <= 1:  # the usual case: every dose into the depot
                 central = chain
             else:
                 central = torch.where(into_depot[:, None, :], chain, e_k)

@@ -42,10 +42,6 @@ from deepnlme.data.population import Population
 from deepnlme.dynamics.base import Dynamics
 from deepnlme.dynamics.closed_form import (
     LinearCompartmentModel,
-    OneCmtIV,
-    OneCmtOral,
-    TwoCmtIV,
-    TwoCmtOral,
 )
 from deepnlme.dynamics.dosing import Doses, resolve_doses
 
@@ -142,22 +138,6 @@ class OdeDynamics(Dynamics):
             model.required,
             **kwargs,
         )
-
-    @classmethod
-    def one_cmt_iv(cls, **kwargs) -> OdeDynamics:
-        return cls.linear(OneCmtIV, **kwargs)
-
-    @classmethod
-    def one_cmt_oral(cls, **kwargs) -> OdeDynamics:
-        return cls.linear(OneCmtOral, **kwargs)
-
-    @classmethod
-    def two_cmt_iv(cls, **kwargs) -> OdeDynamics:
-        return cls.linear(TwoCmtIV, **kwargs)
-
-    @classmethod
-    def two_cmt_oral(cls, **kwargs) -> OdeDynamics:
-        return cls.linear(TwoCmtOral, **kwargs)
 
     # ------------------------------------------------------------------ integration
     def _integrate(

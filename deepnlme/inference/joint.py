@@ -52,12 +52,9 @@ class NegLogJoint:
         if isinstance(dist, GaussianResidual):
             var = dist.variance if self.interaction or variance0 is None else variance0
             mean = dist.mean
-            if pop.fully_observed:
-                dv = pop.obs_dv
-                y = dist.transform(dv)
-            else:  # padding slots get harmless values (and weight 0) so no NaN reaches a grad
-                dv = torch.where(mask, pop.obs_dv, torch.ones_like(pop.obs_dv))
-                y = dist.transform(dv)
+            dv = pop.obs_dv_filled  # padding holds real DVs: finite transforms
+            y = dist.transform(dv)
+            if not pop.fully_observed:  # padding: harmless mean and variance (weight 0 below)
                 var = torch.where(mask, var, torch.ones_like(var))
                 mean = torch.where(mask, mean, y)
             r = y - mean

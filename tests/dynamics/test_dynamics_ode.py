@@ -122,7 +122,7 @@ def test_float32_ode_matches_closed_form(make_pop, make_dose):
         "v": torch.tensor([20.0, 15.0]),
     }
     indiv = {k: v.float() for k, v in indiv.items()}
-    ode = OdeDynamics.one_cmt_oral(rtol=1e-6, atol=1e-5)(indiv, pop)
+    ode = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-5)(indiv, pop)
     closed = OneCmtOral()(indiv, pop)
     assert ode.dtype == torch.float32
     torch.testing.assert_close(ode, closed, rtol=1e-4, atol=1e-3)
@@ -132,4 +132,4 @@ def test_ss_lag_longer_than_interval_rejected(make_pop, make_dose):
     pop = make_pop([{"doses": [make_dose(0.0, 100.0, ss=1, ii=2.0, epoch=1)], "obs": [(1, 1)]}])
     indiv = {k: torch.tensor([v]) for k, v in {"ka": 1.0, "cl": 2.0, "v": 20.0, "lag": 3.0}.items()}
     with pytest.raises(ValueError, match="lag time >= II"):
-        OdeDynamics.one_cmt_oral()(indiv, pop)
+        OdeDynamics.linear(OneCmtOral)(indiv, pop)
