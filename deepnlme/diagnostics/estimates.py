@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from deepnlme.data.population import Population
-from deepnlme.inference.uncertainty import parameter_covariance, undeclared_parameters
+from deepnlme.inference.uncertainty import parameter_covariance
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import FullCovariance
 from deepnlme.model.params import RandomEffects
@@ -35,7 +35,7 @@ def standard_errors(estimator, pop: Population) -> dict[str, float | list | None
     """Natural-scale standard errors of every declared parameter (None where fixed; NaN where
     the objective's Hessian is not positive definite), or None for models with network
     weights (see :func:`deepnlme.inference.uncertainty.parameter_covariance`)."""
-    if undeclared_parameters(estimator.model):
+    if estimator.model.n_undeclared_parameters():
         return None
     cov = parameter_covariance(estimator, pop)
     return {name: None if se is None else se.cpu().tolist() for name, se in cov.se.items()}

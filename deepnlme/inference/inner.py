@@ -55,7 +55,6 @@ class InnerResult:
     leaf: Tensor  # (N, K) η input of the evaluation above
     n_iter: int  # Newton iterations (Hessian evaluations) of the search
     converged: Tensor  # (N,) bool: gradient below gtol (or within 1000·gtol at the precision limit)
-    max_grad: float
 
 
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
@@ -90,11 +89,11 @@ def _absolute_eigenvalues(hess: Tensor) -> Tensor:
     return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
 
 
-def _damped_solve(hess: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
-    """Solve (|H| + λ diag|H|) δ = -g per subject; H (N, K, K), g (N, K), λ (N,) → δ (N, K).
+def _damped_solve(pd: Tensor, grad: Tensor, lam: Tensor) -> Tensor:
+    """Solve (|H| + λ diag|H|) δ = -g per subject; |H| ``(N, K, K)`` (from
+    :func:`absolute_eigenvalues`), g ``(N, K)``, λ ``(N,)`` → δ ``(N, K)``.
 
     Subjects with a non-finite gradient get δ = 0."""
-    pd = absolute_eigenvalues(hess)
     diag = torch.diagonal(pd, dim1=-2, dim2=-1)
     chol = torch.linalg.cholesky(pd + torch.diag_embed(lam[:, None] * diag))
     grad = torch.where(torch.isfinite(grad), grad, 0.0)
@@ -114,32 +113,6 @@ def _prior_sd(joint: NegLogJoint) -> Tensor | None:
     """sqrt(diag Ω) ``(K,)`` of the joint's model (detached), None if it has no η."""
     model = joint.model
     return model.eta_sd().detach() if model.n_eta else None
-
-
-def _value_and_grad(
-    joint: NegLogJoint,
-    eta: Tensor,
-    pop: Population,
-    variance0: Tensor | None,
-    create_graph: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(leaf, l, ∂l/∂η)`` at η ``(n, K)``: the η leaf, ``(n,)``, ``(n, K)``; with
-    ``create_graph`` the gradient keeps its graph to ``leaf`` (for :func:`_hessian`)."""
-    leaf = eta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        nll = joint(leaf, pop, variance0).nll
-        (grad,) = torch.autograd.grad(nll.sum(), leaf, create_graph=create_graph)
-    return leaf, nll.detach(), grad
-
-
-def _hessian(grad: Tensor, leaf: Tensor) -> Tensor:
-    """∂²l/∂η² ``(n, K, K)`` (detached) from a gradient ``(n, K)`` with its graph to ``leaf``."""
-    with torch.enable_grad():
-        rows = [
-            torch.autograd.grad(grad[:, j].sum(), leaf, retain_graph=True)[0]
-            for j in range(leaf.shape[-1])
-        ]
-    return torch.stack(rows, -2)
 
 
 def chord_steps(
@@ -165,7 +138,7 @@ def chord_steps(
     chol, info = torch.linalg.cholesky_ex(absolute_eigenvalues(hessian0.detach()))
     active = (info == 0).nonzero().squeeze(-1)
     sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-    _, f, g = _value_and_grad(joint, eta[active], sub, sub_v0)
+    _, f, g = joint.value_and_grad(eta[active], sub, sub_v0)
     for step_no in range(options.chord_iter + 1):
         gmax = g.abs().amax(-1)
         small = gmax < options.gtol
@@ -178,7 +151,7 @@ def chord_steps(
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
         step = -torch.cholesky_solve(g.unsqueeze(-1), chol[active]).squeeze(-1)
         trial = eta[active] + _limit(step, scale, options.max_step)
-        _, f_new, g_new = _value_and_grad(joint, trial, sub, sub_v0)
+        _, f_new, g_new = joint.value_and_grad(trial, sub, sub_v0)
         noise = 1e-13 * (1.0 + f.abs())
         better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
         eta[active] = torch.where(better[:, None], trial, eta[active])
@@ -226,22 +199,22 @@ def newton_steps(
     sub, sub_v0 = _restrict(pop, variance0, active, n)
     it = 0
     while active.numel() and it < options.max_iter:
-        leaf, f, g_graph = _value_and_grad(joint, eta[active], sub, sub_v0, create_graph=True)
-        g = g_graph.detach()
+        leaf, f, g_graph = joint.value_and_grad(eta[active], sub, sub_v0, create_graph=True)
+        f, g = f.detach(), g_graph.detach()
         moving = (g.abs().amax(-1) >= options.gtol) & ~stalled[active]
         if not bool(moving.any()):
             break
         it += 1
-        h = _hessian(g_graph, leaf)
+        pd = absolute_eigenvalues(joint.hessian(g_graph, leaf))
         if not bool(moving.all()):
-            active, f, g, h = active[moving], f[moving], g[moving], h[moving]
+            active, f, g, pd = active[moving], f[moving], g[moving], pd[moving]
             sub, sub_v0 = _restrict(pop, variance0, active, n)
         # Damped steps until each moving subject found a lower l or its λ hit the cap.
         e, lam_a = eta[active], lam[active]
         noise = 1e-13 * (1.0 + f.abs())  # rounding level of l: no real change below it
         trying = torch.ones_like(f, dtype=torch.bool)
         while bool(trying.any()):
-            step = _limit(_damped_solve(h, g, lam_a), scale, options.max_step)
+            step = _limit(_damped_solve(pd, g, lam_a), scale, options.max_step)
             trial = joint(e + step, sub, sub_v0).nll
             better = trying & (trial <= f + noise) & torch.isfinite(trial)
             e = torch.where(better[:, None], e + step, e)
@@ -290,6 +263,7 @@ def find_modes(
     options: InnerOptions | None = None,
     keep_graph: bool = False,
     hessian0: Tensor | None = None,
+    hessian_graph: bool = True,
 ) -> InnerResult:
     """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
 
@@ -299,14 +273,15 @@ def find_modes(
     search from η = 0 (:func:`restart_far`). The search builds no graph to the model's
     parameters; one evaluation of l, ∂l/∂η and ∂²l/∂η² at the modes follows, whose results
     keep their graphs with ``keep_graph`` (the Laplace objective and its implicit gradient are
-    built from them).
+    built from them); ``hessian_graph=False`` detaches the Hessian nonetheless (FOCE-type
+    objectives only need its value).
     """
     opts = options or InnerOptions()
     eta = eta0.detach()
     if eta.shape[0] == 0:
         k = eta.shape[-1]
         empty = torch.zeros(0, dtype=torch.bool, device=eta.device)
-        return InnerResult(eta, eta.new_zeros(0), eta, eta.new_zeros(0, k, k), eta, 0, empty, 0.0)
+        return InnerResult(eta, eta.new_zeros(0), eta, eta.new_zeros(0, k, k), eta, 0, empty)
     v_search = None if variance0 is None else variance0.detach()
     done = None
     with torch.no_grad():
@@ -318,10 +293,11 @@ def find_modes(
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
     leaf = eta.detach().requires_grad_(True)
     with torch.enable_grad():
-        nll, grad, hess = joint.exact_hessian(leaf, pop, v_final, create_graph=keep_graph)
+        nll, grad, hess = joint.exact_hessian(
+            leaf, pop, v_final, create_graph=keep_graph and hessian_graph
+        )
     if not keep_graph:
         nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
     gmax = grad.detach().abs().amax(-1)
     converged = (gmax < opts.gtol) | (stalled & (gmax < opts.gtol * 1e3))
-    max_grad = float(gmax.max()) if gmax.numel() else 0.0
-    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, max_grad)
+    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged)

@@ -108,6 +108,38 @@ class NegLogJoint:
             info = info + 0.5 * torch.einsum("nt,ntj,ntk->njk", w * w, d_var, d_var)
         return info + self.model.eta_precision()
 
+    def value_and_grad(
+        self,
+        eta: Tensor,
+        pop: Population,
+        variance0: Tensor | None = None,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(leaf, l, ∂l/∂η)`` at η ``(N, K)``: the η leaf they refer to, ``(N,)``, ``(N, K)``.
+
+        ``l`` keeps its graph (to the parameters and ``leaf``) only with ``create_graph``, as
+        does the gradient (then :meth:`hessian` can differentiate it); else both are detached.
+        """
+        leaf = eta if eta.requires_grad else eta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            nll = self(leaf, pop, variance0).nll
+            (grad,) = torch.autograd.grad(nll.sum(), leaf, create_graph=create_graph)
+        return leaf, nll if create_graph else nll.detach(), grad
+
+    @staticmethod
+    def hessian(grad: Tensor, leaf: Tensor, create_graph: bool = False) -> Tensor:
+        """∂²l/∂η² ``(N, K, K)`` by reverse mode from a gradient ``(N, K)`` with its graph to
+        ``leaf`` (from :meth:`value_and_grad` with ``create_graph``); without a graph unless
+        ``create_graph``."""
+        with torch.enable_grad():
+            rows = [
+                torch.autograd.grad(
+                    grad[:, j].sum(), leaf, create_graph=create_graph, retain_graph=True
+                )[0]
+                for j in range(leaf.shape[-1])
+            ]
+        return torch.stack(rows, -2)
+
     def exact_hessian(
         self,
         eta: Tensor,
@@ -115,15 +147,7 @@ class NegLogJoint:
         variance0: Tensor | None = None,
         create_graph: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(l, ∂l/∂η, ∂²l/∂η²) at η: ``(N,)``, ``(N, K)``, ``(N, K, K)`` by reverse mode."""
-        if not eta.requires_grad:
-            eta = eta.detach().requires_grad_(True)
-        nll = self(eta, pop, variance0).nll
-        (grad,) = torch.autograd.grad(nll.sum(), eta, create_graph=True)
-        rows = [
-            torch.autograd.grad(
-                grad[:, j].sum(), eta, create_graph=create_graph, retain_graph=True
-            )[0]
-            for j in range(eta.shape[-1])
-        ]
-        return nll, grad, torch.stack(rows, -2)
+        """(l, ∂l/∂η, ∂²l/∂η²) at η: ``(N,)``, ``(N, K)``, ``(N, K, K)`` by reverse mode; l and
+        ∂l/∂η always keep their graph, ∂²l/∂η² only with ``create_graph``."""
+        leaf, nll, grad = self.value_and_grad(eta, pop, variance0, create_graph=True)
+        return nll, grad, self.hessian(grad, leaf, create_graph)

@@ -93,12 +93,13 @@ class LaplaceEstimator:
         if not warm_start:
             eta0 = torch.zeros_like(eta0)
         variance0 = None if self.interaction else self.joint.population_variance(pop)
+        exact = self.hessian == "exact"
         result = find_modes(
-            self.joint, eta0, pop, variance0, self.inner, keep_graph=True, hessian0=hessian0
+            self.joint, eta0, pop, variance0, self.inner, True, hessian0, hessian_graph=exact
         )
         self.last_inner = result
         chol = _pd_cholesky(result.hessian)
-        if self.hessian == "exact":
+        if exact:
             leaf, logdet = result.leaf, _cholesky_logdet(chol)
         else:
             # Expected information at the modes: one more evaluation, with its own η leaf.
@@ -106,7 +107,7 @@ class LaplaceEstimator:
             terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
             curvature = self.joint.expected_information(d_mean, d_var, terms.variance, pop.obs_mask)
             logdet = _logdet(curvature)
-        return _LaplaceTerms(leaf, result.nll, result.grad, logdet, chol.detach(), result)
+        return _LaplaceTerms(leaf, logdet, chol.detach(), result)
 
     def _remember(self, pop: Population, result: InnerResult) -> None:
         """Store the modes and exact Hessians of ``pop``'s subjects for the next warm start."""
@@ -127,12 +128,13 @@ class LaplaceEstimator:
         expressions is the implicit-function-theorem gradient through η*(θ): the -vᵀg term
         carries dη*/dθ = -H⁻¹ ∂g/∂θ into the log det (l itself needs none at a mode).
         """
-        k = t.grad.shape[-1]
-        h_inv_g = torch.cholesky_solve(t.grad.unsqueeze(-1), t.chol).squeeze(-1)
+        nll, grad = t.inner.nll, t.inner.grad
+        h_inv_g = torch.cholesky_solve(grad.unsqueeze(-1), t.chol).squeeze(-1)
         if dlogdet_deta is None:  # log det H does not depend on η (models linear in η)
-            dlogdet_deta = torch.zeros_like(t.grad)
+            dlogdet_deta = torch.zeros_like(grad)
         v = torch.cholesky_solve(0.5 * dlogdet_deta.detach().unsqueeze(-1), t.chol).squeeze(-1)
-        return t.nll - 0.5 * (t.grad * h_inv_g).sum(-1) - (v * t.grad).sum(-1) - 0.5 * k * LOG_2PI
+        k = grad.shape[-1]
+        return nll - 0.5 * (grad * h_inv_g).sum(-1) - (v * grad).sum(-1) - 0.5 * k * LOG_2PI
 
     def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
         """Approximate marginal log-likelihood of each subject ``(N,)``, differentiable in θ."""
@@ -182,11 +184,9 @@ class LaplaceEstimator:
 
 class _LaplaceTerms(NamedTuple):
     leaf: Tensor  # (N, K) η input of the graphs below
-    nll: Tensor  # (N,) l_i(η̂)
-    grad: Tensor  # (N, K) ∇_η l at η̂
     logdet: Tensor  # (N,) log det of the Hessian (exact or expected) at η̂
     chol: Tensor  # (N, K, K) Cholesky factor of the exact Hessian (detached)
-    inner: InnerResult  # the mode search (modes and exact Hessians, for warm starts)
+    inner: InnerResult  # modes; l, ∇_η l (with graphs) and exact Hessians there
 
 
 def _pd_cholesky(h: Tensor) -> Tensor:

@@ -82,12 +82,6 @@ def objective_hessian(estimator, pop: Population, entries: _RawEntries, step: fl
     return 0.5 * (hess + hess.T)
 
 
-def undeclared_parameters(model: NLMEModel) -> int:
-    """Number of free scalars that are not declared parameters (e.g. network weights)."""
-    raw_ids = {id(p.raw) for p in model.declared().values()}
-    return sum(w.numel() for w in model.parameters() if w.requires_grad and id(w) not in raw_ids)
-
-
 def parameter_covariance(estimator, pop: Population, step: float = 1e-4) -> ParameterCovariance:
     """Inverse observed information of the declared parameters of ``estimator.model``.
 
@@ -96,7 +90,7 @@ def parameter_covariance(estimator, pop: Population, step: float = 1e-4) -> Para
     standard errors are NaN (a saddle or a boundary: no quadratic approximation there).
     """
     model: NLMEModel = estimator.model
-    extra = undeclared_parameters(model)
+    extra = model.n_undeclared_parameters()
     if extra:
         raise ValueError(
             "standard errors need a model whose free parameters are all declared "

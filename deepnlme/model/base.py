@@ -154,11 +154,13 @@ class NLMEModel(nn.Module):
 
     def n_free_parameters(self) -> int:
         """Free scalars: declared parameters plus every other trainable weight."""
+        return sum(p.n_free() for p in self.declared().values()) + self.n_undeclared_parameters()
+
+    def n_undeclared_parameters(self) -> int:
+        """Trainable scalars that are not declared parameters (e.g. network weights)."""
         declared = {id(p.raw) for p in self.declared().values()}
-        others = sum(
-            w.numel() for w in self.parameters() if w.requires_grad and id(w) not in declared
-        )
-        return sum(p.n_free() for p in self.declared().values()) + others
+        trainable = [w for w in self.parameters() if w.requires_grad]
+        return sum(w.numel() for w in trainable if id(w) not in declared)
 
     # -------------------------------------------------------------- user blocks
     def pre(self, p: Namespace, eta: Namespace, cov: Namespace) -> dict[str, Tensor]:

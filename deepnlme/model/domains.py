@@ -100,6 +100,11 @@ class DiagonalCovariance(Domain):
     def cholesky(self, raw: Tensor) -> Tensor:
         return torch.diag_embed(torch.exp(0.5 * raw))
 
+    def normal_log_prob(self, raw: Tensor, x: Tensor) -> Tensor:
+        """log N(x; 0, Σ) for x ``(N, k)`` → ``(N,)``: elementwise (raw = log variances)."""
+        quad = (x * x * torch.exp(-raw)).sum(-1)
+        return -0.5 * (quad + raw.sum() + self.k * LOG_2PI)
+
     def check(self, name: str, value: Tensor) -> None:
         super().check(name, value)
         var = torch.diagonal(value) if value.dim() == 2 else value
@@ -122,6 +127,13 @@ class FullCovariance(Domain):
     def cholesky(self, raw: Tensor) -> Tensor:
         low = torch.tril(raw, diagonal=-1)
         return low + torch.diag_embed(torch.exp(torch.diagonal(raw)))
+
+    def normal_log_prob(self, raw: Tensor, x: Tensor) -> Tensor:
+        """log N(x; 0, Σ) for x ``(N, k)`` → ``(N,)``, by a triangular solve with Σ's factor."""
+        chol = self.cholesky(raw)
+        z = torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)
+        half_logdet = torch.log(torch.diagonal(chol)).sum()
+        return -0.5 * (z * z).sum(-1) - half_logdet - 0.5 * self.k * LOG_2PI
 
     def to_natural(self, raw: Tensor) -> Tensor:
         chol = self.cholesky(raw)

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from deepnlme.model.domains import (
-    LOG_2PI,
     DiagonalCovariance,
     Domain,
     FullCovariance,
@@ -102,13 +101,7 @@ class RandomEffects(Param):
 
     def log_prob(self, eta: Tensor) -> Tensor:
         """log N(η; 0, Ω) for η ``(N, k)``, returns ``(N,)``, constants included."""
-        if isinstance(self.domain, DiagonalCovariance):  # raw = log variances
-            quad = (eta * eta * torch.exp(-self.raw)).sum(-1)
-            return -0.5 * (quad + self.raw.sum() + self.k * LOG_2PI)
-        chol = self.cholesky()
-        z = torch.linalg.solve_triangular(chol, eta.unsqueeze(-1), upper=False).squeeze(-1)
-        half_logdet = torch.log(torch.diagonal(chol)).sum()
-        return -0.5 * (z * z).sum(-1) - half_logdet - 0.5 * self.k * LOG_2PI
+        return self.domain.normal_log_prob(self.raw, eta)
 
     def precision(self) -> Tensor:
         """Ω⁻¹, ``(k, k)``."""
