@@ -15,21 +15,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from deepnlme import commands, diagnostics
-from deepnlme.training import build
+from deepnlme import diagnostics
+from deepnlme.training import build, commands
 
 log = logging.getLogger("deepnlme.predict")
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict:
     """Evaluate the checkpoint on the configured subjects; returns results.json."""
-    fitted = commands.load_fitted(str(cfg.ckpt_path))
-    pop, data_name = commands.load_subjects(cfg, fitted)
+    fitted, pop, head = commands.load_run(cfg)
     evaluation = fitted.evaluate(pop, split="predict")
     results = {
-        **fitted.names,
-        "data": data_name,
-        "ckpt_path": str(cfg.ckpt_path),
+        **head,
         **diagnostics.likelihood_summary(fitted.model, evaluation),
         **diagnostics.parameter_summary(fitted.model),
     }

@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from deepnlme import commands, diagnostics
+from deepnlme import diagnostics
 from deepnlme.data.population import Population
 from deepnlme.diagnostics.predictions import observation_table
 from deepnlme.fitted import FittedModel
-from deepnlme.training import build
+from deepnlme.training import build, commands
 
 log = logging.getLogger("deepnlme.simulate")
 
@@ -84,13 +84,10 @@ def _options(cfg: DictConfig) -> tuple[int, int, int, dict]:
 
 def simulate(cfg: DictConfig, output_dir: Path) -> dict:
     """Simulate the replicates, write the VPC and the run's outputs; returns results.json."""
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
     n_replicates, seed, batch_subjects, options = _options(cfg)
-    fitted = commands.load_fitted(str(cfg.ckpt_path))
-    pop, data_name = commands.load_subjects(cfg, fitted)
+    fitted, pop, head = commands.load_run(cfg)
     if pop.n_obs == 0:
-        raise build.SetupError(f"data {data_name!r} has no observations to simulate")
+        raise build.SetupError(f"data {head['data']!r} has no observations to simulate")
     simulations = simulate_replicates(fitted, pop, n_replicates, seed, batch_subjects)
     observed = observation_table(pop, {})
     try:
@@ -106,9 +103,7 @@ def simulate(cfg: DictConfig, output_dir: Path) -> dict:
         log_y=bool(cfg.vpc.log_y), stats=stats,
     )
     results = {
-        **fitted.names,
-        "data": data_name,
-        "ckpt_path": str(cfg.ckpt_path),
+        **head,
         "n_replicates": n_replicates,
         "seed": seed,
         "n_subjects": len(pop),

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-import torch
 from omegaconf import DictConfig
 
 from deepnlme import diagnostics
@@ -33,8 +32,7 @@ log = logging.getLogger("deepnlme.train")
 def train(cfg: DictConfig, output_dir: Path) -> dict:
     """Fit, evaluate and write the run's outputs to ``output_dir``; returns results.json."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
     fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
     model, model_args = build.build_model(cfg.model, dtype)

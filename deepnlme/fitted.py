@@ -156,6 +156,11 @@ class FittedModel:
         meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
         if meta is None:
             raise ValueError(f"{path}: not a deepnlme checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        if int(meta.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: checkpoint format {meta['format']} is newer than this deepnlme reads "
+                f"({FORMAT_VERSION}); update deepnlme"
+            )
         config = meta["config"]
         dtype = getattr(torch, str(meta.get("dtype", "float64")), None)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from deepnlme.data import load_population
+from deepnlme.data.synthetic import one_cmt_oral_conc
 from deepnlme.inference import Laplace, OuterOptions, fit
 from deepnlme.model.zoo.pk import OneCmtOralModel
 
@@ -69,11 +70,7 @@ def simulate(n_subjects: int, seed: int) -> pd.DataFrame:
     eta = rng.normal(size=(n_subjects, 3)) * np.array(TRUE["omega_sd"])
     ka, cl, v = (TRUE[k] * np.exp(eta[:, j]) for j, k in enumerate(("ka", "cl", "v")))
     dose = rng.uniform(3.0, 6.0, n_subjects).round(2)
-    k = cl / v
-    t = TIMES[None, :]
-    conc = (dose * ka / (v * (ka - k)))[:, None] * (
-        np.exp(-k[:, None] * t) - np.exp(-ka[:, None] * t)
-    )
+    conc = one_cmt_oral_conc(TIMES[None, :], dose[:, None], ka, cl, v)
     conc = conc + TRUE["sigma"] * rng.normal(size=conc.shape)
     ids = np.arange(1, n_subjects + 1)
     doses = pd.DataFrame(

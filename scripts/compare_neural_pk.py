@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from deepnlme import diagnostics
 from deepnlme.data.population import Population
 from deepnlme.data.split import split_heldout
 from deepnlme.data.synthetic import COVARIATES, TRUTH, synthetic_pk, true_parameters
@@ -36,24 +37,14 @@ INIT = {"tvka": 1.0, "tvcl": 4.0, "tvv": 40.0}
 INNER = {"max_iter": 100, "gtol": 1e-6}  # as configs/method/laplace.yaml
 
 
-def rmse(pred: torch.Tensor, pop: Population) -> float:
-    """Root mean squared error of ``pred`` ``(N, T)`` against DV over real observations."""
-    r = (pred - pop.obs_dv)[pop.obs_mask]
-    return float(torch.sqrt((r * r).mean()))
-
-
 def evaluate(model: NLMEModel, estimator, pop: Population) -> dict[str, float]:
     """Held-out metrics at fixed parameters: loglik, IPRED RMSE at η̂, PRED RMSE at η = 0."""
-    loglik = estimator.loglik(pop, warm_start=False)
-    eta_hat = estimator.modes(pop)
-    with torch.no_grad():
-        ipred = model.observe(eta_hat, pop).prediction
-        pred = model.observe(torch.zeros_like(eta_hat), pop).prediction
+    metrics = diagnostics.evaluate(model, estimator, pop, "heldout").metrics()
     return {
-        "loglik": loglik,
-        "loglik_per_subject": loglik / len(pop),
-        "ipred_rmse": rmse(ipred, pop),
-        "pred_rmse": rmse(pred, pop),
+        "loglik": metrics["loglik"],
+        "loglik_per_subject": metrics["loglik"] / len(pop),
+        "ipred_rmse": metrics["rmse_ipred"],
+        "pred_rmse": metrics["rmse_pred"],
     }
 
 

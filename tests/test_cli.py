@@ -276,11 +276,6 @@ def test_user_model_class_from_the_working_directory(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (ROOT / "configs" / "model" / "neural_pk.yaml").exists()
-    or not (ROOT / "configs" / "data" / "synthetic_pk.yaml").exists(),
-    reason="configs/model/neural_pk.yaml and configs/data/synthetic_pk.yaml not written yet",
-)
 def test_main_job_runs(tmp_path):
     short = ("trainer.max_epochs=1", "method.iterations_per_epoch=4", "data.n_subjects=40")
     r = train(tmp_path, *short)

@@ -18,11 +18,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("data", "model", "method", "trainer")
 DATA_KEYS = {"name", "path", "covariates", "heldout_fraction", "split_seed"}
 METHOD_KEYS = {"estimator", "lr", "max_iter", "gtol", "converged_gtol", "iterations_per_epoch"}
-NEURAL_FILES = (CONFIGS / "model" / "neural_pk.yaml", CONFIGS / "data" / "synthetic_pk.yaml")
-needs_neural = pytest.mark.skipif(
-    not all(p.exists() for p in NEURAL_FILES),
-    reason="configs/model/neural_pk.yaml and configs/data/synthetic_pk.yaml not written yet",
-)
 
 
 def options(group: str) -> list[str]:
@@ -39,7 +34,7 @@ def hydra_configs():
 
 
 def compose_train(*overrides: str, hydra: bool = False):
-    # The defaults name neural_pk/synthetic_pk; pin them where those files may be missing.
+    # Pin a quick classical model and data unless the test names its own.
     pinned = [f"{g}={v}" for g, v in (("model", "one_cmt_oral"), ("data", "theophylline"))]
     given = {o.split("=")[0] for o in overrides}
     defaults = [p for p in pinned if p.split("=")[0] not in given]
@@ -70,7 +65,6 @@ def test_every_combination_composes(hydra_configs, data, model, method, trainer)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-@needs_neural
 def test_main_job_is_the_default(hydra_configs):
     cfg = compose("train", return_hydra_config=True)
     assert cfg.hydra.runtime.choices.model == "neural_pk"

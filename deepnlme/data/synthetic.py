@@ -87,9 +87,10 @@ def true_parameters(wt, age, crcl) -> dict:
 
 
 def one_cmt_oral_conc(
-    t: np.ndarray, dose: float, ka: np.ndarray, cl: np.ndarray, v: np.ndarray
+    t: np.ndarray, dose: float | np.ndarray, ka: np.ndarray, cl: np.ndarray, v: np.ndarray
 ) -> np.ndarray:
-    """Closed-form concentration (mg/L) at times ``t`` ``(N, T)`` for parameters ``(N,)``."""
+    """Closed-form concentration at times ``t`` ``(N, T)`` (or ``(1, T)``) after one oral
+    ``dose`` (scalar or ``(N, 1)``) for parameters ``(N,)``, ``(N, T)``."""
     ke = (cl / v)[:, None]
     ka = ka[:, None]
     return dose * ka / (v[:, None] * (ka - ke)) * (np.exp(-ke * t) - np.exp(-ka * t))

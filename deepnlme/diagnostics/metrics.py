@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-LOG_2PI = math.log(2 * math.pi)
+from deepnlme.model.domains import LOG_2PI
 
 
 def objective_summary(loglik: float, n_parameters: int, n_obs: int) -> dict[str, float]:

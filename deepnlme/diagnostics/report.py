@@ -72,12 +72,11 @@ def write_tables(
     out_dir: str | Path,
     evaluations: Sequence[Evaluation],
     model: NLMEModel | None = None,
-    plot: bool = True,
     se: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """``predictions.csv``, ``ebes.csv`` (all evaluations, with their split), ``estimates.csv``
-    (when ``model`` is given; with an ``se`` column when ``se`` is) and ``gof.png`` (when
-    ``plot``) in ``out_dir``."""
+    (when ``model`` is given; with an ``se`` column when ``se`` is) and ``gof.png`` in
+    ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = pd.concat([e.prediction_table() for e in evaluations], ignore_index=True)
@@ -88,6 +87,5 @@ def write_tables(
     if model is not None:
         written.append(out / "estimates.csv")
         estimates_table(model, se).to_csv(written[-1], index=False)
-    if plot:
-        written.append(save_gof(predictions, out / "gof.png"))
+    written.append(save_gof(predictions, out / "gof.png"))
     return written

@@ -61,10 +61,33 @@ def grad_max(params: list[Tensor]) -> float:
     return float(torch.stack(grads).max()) if grads else 0.0
 
 
+def _lbfgs_count(optimizer: torch.optim.LBFGS, key: str) -> int:
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    return int(state.get(key, 0))
+
+
 def lbfgs_iterations(optimizer: torch.optim.LBFGS) -> int:
     """Iterations L-BFGS has taken so far (over all ``step`` calls)."""
-    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
-    return int(state.get("n_iter", 0))
+    return _lbfgs_count(optimizer, "n_iter")
+
+
+def lbfgs_evaluations(optimizer: torch.optim.LBFGS) -> int:
+    """Objective evaluations L-BFGS has made so far (over all ``step`` calls)."""
+    return _lbfgs_count(optimizer, "func_evals")
+
+
+def objective_and_gradient(estimator, pop: Population) -> tuple[float, float, float]:
+    """``(loss, loglik, max |∂loss/∂raw|)`` at the current parameters (fills ``.grad``);
+    ``loglik`` is the objective without the log prior of the fixed effects."""
+    model = estimator.model
+    params = trainable(model)
+    with torch.enable_grad():
+        for p in params:
+            p.grad = None
+        loss = estimator.loss(pop)
+        loss.backward()
+    value = float(loss.detach())
+    return value, -value - float(model.log_prior().detach()), grad_max(params)
 
 
 def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitResult:

@@ -4,12 +4,8 @@ Lightning only orchestrates here; the math lives in ``deepnlme.inference`` and t
 Config-driven construction (Hydra) is in :mod:`deepnlme.training.build`.
 """
 
-from deepnlme.training.callbacks import (
-    ConvergenceMonitor,
-    FitProgressBar,
-    FitTimer,
-    objective_and_gradient,
-)
+from deepnlme.inference.optimize import objective_and_gradient
+from deepnlme.training.callbacks import ConvergenceMonitor, FitProgressBar, FitTimer
 from deepnlme.training.datamodule import PopulationDataModule
 from deepnlme.training.module import NLMEFitModule
 

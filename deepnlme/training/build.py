@@ -237,6 +237,12 @@ def _model_choice() -> str | None:
     return hydra_cfg.runtime.choices.get("model")
 
 
+def set_threads(cfg: DictConfig | Mapping) -> None:
+    """Apply the config's ``threads`` (torch CPU threads; null keeps torch's default)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+
+
 def run_command(step: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
     """Body of the command-line shims: ``step(cfg, run_dir)`` with the working directory
     importable (users' model modules: ``model._target_=mymodule.MyModel``) and user errors

@@ -7,30 +7,13 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-from deepnlme.data.population import Population
-from deepnlme.inference.optimize import grad_max, lbfgs_iterations, trainable
-
-
-def lbfgs_evaluations(optimizer: torch.optim.LBFGS) -> int:
-    """Objective evaluations L-BFGS has made so far (over all ``step`` calls)."""
-    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
-    return int(state.get("func_evals", 0))
-
-
-def objective_and_gradient(estimator: Any, pop: Population) -> tuple[float, float, float]:
-    """``(loss, loglik, max |∂loss/∂raw|)`` at the current parameters (fills ``.grad``)."""
-    model = estimator.model
-    params = trainable(model)
-    with torch.enable_grad():
-        for p in params:
-            p.grad = None
-        loss = estimator.loss(pop)
-        loss.backward()
-    value = float(loss.detach())
-    return value, -value - float(model.log_prior().detach()), grad_max(params)
+from deepnlme.inference.optimize import (
+    lbfgs_evaluations,
+    lbfgs_iterations,
+    objective_and_gradient,
+)
 
 
 class ConvergenceMonitor(Callback):

@@ -32,9 +32,17 @@ def load_subjects(cfg: DictConfig, fitted: FittedModel) -> tuple[Population, str
     The population is in the fit's dtype and checked against the model (covariates, CMT).
     """
     data = build.plain(cfg.data) if cfg.get("data") is not None else dict(fitted.config["data"])
-    data = {**data, "heldout_fraction": 0.0, "covariates": data.get("covariates") or []}
-    if not data["covariates"]:
-        data["covariates"] = fitted.covariate_names
+    covariates = data.get("covariates") or fitted.covariate_names
+    data = {**data, "heldout_fraction": 0.0, "covariates": covariates}
     pop, _ = build.load_data(data, fitted.dtype)
     build.check_data(fitted.model, pop)
     return pop, str(data["name"])
+
+
+def load_run(cfg: DictConfig) -> tuple[FittedModel, Population, dict[str, str]]:
+    """The checkpoint ``cfg.ckpt_path``, the subjects to apply it to (:func:`load_subjects`)
+    and the head of the command's results.json (model/method/data names, ``ckpt_path``)."""
+    build.set_threads(cfg)
+    fitted = load_fitted(str(cfg.ckpt_path))
+    pop, data_name = load_subjects(cfg, fitted)
+    return fitted, pop, {**fitted.names, "data": data_name, "ckpt_path": str(cfg.ckpt_path)}
