@@ -172,11 +172,11 @@ class NeuralPKModel(ResidualErrorMixin, NLMEModel):
     # ------------------------------------------------------------------ blocks
     def pre(self, p, eta, cov) -> dict[str, Tensor]:
         """``ka`` (1/h), ``cl`` (L/h), ``v`` (L), each ``(N,)``, from (covariates, η)."""
-        e = torch.stack([eta[name] for name in self.eta_names], dim=-1) if len(eta) else None
-        ref = p.tvcl
-        n = next(iter(cov.values())).shape[0] if len(cov) else e.shape[0]
-        if e is None:
-            e = ref.new_zeros(n, 0)
+        n = next(iter((cov or eta).values())).shape[0]
+        if len(eta):
+            e = torch.stack([eta[name] for name in self.eta_names], dim=-1)  # (N, K)
+        else:
+            e = p.tvcl.new_zeros(n, 0)
         x = self.scaler(self.covariate_matrix(cov, n, e))
         dev = self.net(x, e if self.eta_inputs else e[:, :0])  # (N, 3)
         if self.max_log_deviation is not None:
