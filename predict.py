@@ -1,6 +1,7 @@
 """Predict with a fitted model: ``python predict.py ckpt_path=RUN/checkpoints/last.ckpt``.
 
-Reloads the checkpoint (safely: plain data only), finds each subject's η̂ from its own data at
+Reloads the checkpoint (safely: plain data only; the model class only from ``deepnlme`` or from
+a module named in ``trusted_modules=[mymodels]``), finds each subject's η̂ from its own data at
 the fitted parameters and writes ``results.json`` (log-likelihood of the given subjects),
 ``ebes.csv``, ``predictions.csv`` and ``gof.png`` into the Hydra run directory. Without
 ``data=...`` the checkpoint's training data is used; an empty ``data.covariates`` means the
@@ -15,14 +16,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from deepnlme import diagnostics
-from deepnlme.training import build, commands
+from deepnlme import cli
 
 log = logging.getLogger("deepnlme.predict")
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict:
     """Evaluate the checkpoint on the configured subjects; returns results.json."""
+    from deepnlme import diagnostics
+    from deepnlme.training import commands
+
     fitted, pop, head = commands.load_run(cfg)
     evaluation = fitted.evaluate(pop, split="predict")
     results = {
@@ -38,7 +41,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    build.run_command(predict, cfg)
+    cli.run_command(predict, cfg)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Simulate from a fitted model: ``python simulate.py ckpt_path=RUN/checkpoints/last.ckpt``.
 
-Reloads the checkpoint (safely: plain data only), simulates ``n_replicates`` replicates of the
+Reloads the checkpoint (safely: plain data only; the model class only from ``deepnlme`` or from
+a module named in ``trusted_modules=[mymodels]``), simulates ``n_replicates`` replicates of the
 data's design (doses, observation times, covariates; η ~ N(0, Ω), DV from the residual model)
 and writes into the Hydra run directory: ``simulations.csv`` (all replicates, REP 1..n),
 ``vpc.csv`` and ``vpc.png`` (visual predictive check) and ``results.json``. Without
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import numpy as np
-import pandas as pd
-import torch
 from omegaconf import DictConfig
 
-from deepnlme import diagnostics
-from deepnlme.data.population import Population
-from deepnlme.diagnostics.predictions import observation_table
-from deepnlme.fitted import FittedModel
-from deepnlme.training import build, commands
+from deepnlme import cli
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from deepnlme.data.population import Population
+    from deepnlme.fitted import FittedModel
 
 log = logging.getLogger("deepnlme.simulate")
 
@@ -47,6 +48,10 @@ def simulate_replicates(
         :meth:`FittedModel.simulate` (ID, TIME, DV, IPRED, CMT, ``eta_<name>``), each
         replicate's rows in the order of ``pop``'s observations.
     """
+    import numpy as np
+    import pandas as pd
+    import torch
+
     if n_replicates < 1:
         raise ValueError(f"n_replicates must be >= 1 (got {n_replicates})")
     per_batch = max(1, min(n_replicates, batch_subjects // max(len(pop), 1)))
@@ -72,10 +77,10 @@ def _options(cfg: DictConfig) -> tuple[int, int, int, dict]:
             "interval": float(cfg.vpc.interval),
         }
     except (ValueError, TypeError) as exc:
-        raise build.SetupError(f"simulate options: {exc}") from exc
+        raise cli.SetupError(f"simulate options: {exc}") from exc
     n_replicates, seed, batch_subjects = counts
     if n_replicates < 1 or seed < 0 or batch_subjects < 1:
-        raise build.SetupError(
+        raise cli.SetupError(
             "n_replicates and batch_subjects must be >= 1 and seed >= 0 (got "
             f"{n_replicates}, {batch_subjects}, {seed})"
         )
@@ -85,15 +90,19 @@ def _options(cfg: DictConfig) -> tuple[int, int, int, dict]:
 def simulate(cfg: DictConfig, output_dir: Path) -> dict:
     """Simulate the replicates, write the VPC and the run's outputs; returns results.json."""
     n_replicates, seed, batch_subjects, options = _options(cfg)
+    from deepnlme import diagnostics
+    from deepnlme.diagnostics.predictions import observation_table
+    from deepnlme.training import commands
+
     fitted, pop, head = commands.load_run(cfg)
     if pop.n_obs == 0:
-        raise build.SetupError(f"data {head['data']!r} has no observations to simulate")
+        raise cli.SetupError(f"data {head['data']!r} has no observations to simulate")
     simulations = simulate_replicates(fitted, pop, n_replicates, seed, batch_subjects)
     observed = observation_table(pop, {})
     try:
         stats = diagnostics.vpc_statistics(observed, simulations, **options)
     except ValueError as exc:
-        raise build.SetupError(f"vpc: {exc}") from exc
+        raise cli.SetupError(f"vpc: {exc}") from exc
 
     output_dir.mkdir(parents=True, exist_ok=True)
     simulations.to_csv(output_dir / "simulations.csv", index=False)
@@ -120,7 +129,7 @@ def simulate(cfg: DictConfig, output_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="simulate")
 def main(cfg: DictConfig) -> None:
-    build.run_command(simulate, cfg)
+    cli.run_command(simulate, cfg)
 
 
 if __name__ == "__main__":

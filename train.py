@@ -1,40 +1,54 @@
 """Fit an NLME model: ``python train.py [model=...] [data=...] [method=...] [key=value ...]``.
 
 Writes into the Hydra run directory: ``results.json``, ``estimates.csv``, ``predictions.csv``,
-``ebes.csv``, ``gof.png`` and ``checkpoints/last.ckpt``. ``ckpt_path=RUN/checkpoints/last.ckpt``
-resumes an interrupted fit. Bad data or a model that does not fit the data: one line on stderr
-and exit status 1.
+``ebes.csv``, ``gof.png`` and ``checkpoints/last.ckpt`` (rewritten every epoch; SIGINT/SIGTERM
+stop the fit after the current epoch, exit status 128 + signal). ``ckpt_path=RUN/checkpoints/
+last.ckpt`` resumes an interrupted fit. ``main`` returns ``results[optimized_metric]`` (default
+the OFV) to sweepers such as Optuna. Bad data or a model that does not fit the data: one line
+on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import hydra
-import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from deepnlme import diagnostics
-from deepnlme.fitted import checkpoint_metadata
-from deepnlme.training import (
-    ConvergenceMonitor,
-    FitTimer,
-    NLMEFitModule,
-    PopulationDataModule,
-    build,
-)
+from deepnlme import cli
 
 log = logging.getLogger("deepnlme.train")
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict:
-    """Fit, evaluate and write the run's outputs to ``output_dir``; returns results.json."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    """Fit, evaluate and write the run's outputs to ``output_dir``; returns results.json.
+
+    Start-up order: the data are read and checked first (torch and the data layer only), the
+    models, Lightning and the diagnostics load after them, so a data error answers quickly.
+    """
+    from deepnlme.training import build
+
     build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
     fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
+    checkpoint = _resume_checkpoint(cfg.ckpt_path)
+
+    import lightning.pytorch as pl
+
+    from deepnlme import diagnostics
+    from deepnlme.fitted import checkpoint_metadata
+    from deepnlme.training import (
+        ConvergenceMonitor,
+        FitTimer,
+        NLMEFitModule,
+        PopulationDataModule,
+    )
+    from deepnlme.training.interrupt import StopOnSignal
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, model_args = build.build_model(cfg.model, dtype)
     build.check_data(model, fit_pop)
     estimator = build.build_estimator(cfg.method, model)
@@ -44,15 +58,25 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     config = {**build.plain(cfg), "model": model_args}
     metadata = checkpoint_metadata(config, fit_pop.covariate_names, dtype, names)
     module = NLMEFitModule(estimator, outer, iterations_per_epoch, metadata)
+    if checkpoint is not None:
+        _check_resumable(cfg.ckpt_path, checkpoint, module)
     monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
     timer = FitTimer()
-    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer])
+    stop = StopOnSignal()
+    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer, stop])
     trainer.fit(
         module,
         datamodule=PopulationDataModule(fit_pop, dtype),
         ckpt_path=cfg.ckpt_path,
         weights_only=True,
     )
+    if stop.received is not None:
+        last = output_dir / "checkpoints" / f"{build.LAST_CHECKPOINT}.ckpt"
+        raise cli.Interrupted(
+            f"fit interrupted by {signal.Signals(stop.received).name} after {monitor.n_iter} "
+            f"iterations; resume with ckpt_path={last}",
+            stop.received,
+        )
 
     model.cpu()
     evaluations = [diagnostics.evaluate(model, estimator, fit_pop, "fit")]
@@ -84,11 +108,41 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     return results
 
 
+def _resume_checkpoint(ckpt_path: str | None) -> dict | None:
+    """The checkpoint a fit resumes from (read safely), or None; unusable files are one line."""
+    if ckpt_path is None:
+        return None
+    from deepnlme.fitted import read_checkpoint
+
+    try:
+        return read_checkpoint(ckpt_path)
+    except ValueError as exc:
+        raise cli.SetupError(f"cannot resume from ckpt_path {exc}") from None
+
+
+def _check_resumable(ckpt_path: str, checkpoint: dict, module) -> None:
+    """Raise :class:`~deepnlme.cli.SetupError` unless ``checkpoint`` holds a training state of
+    this run's model (same weight names and shapes)."""
+    saved = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if saved != expected or "optimizer_states" not in checkpoint:
+        differ = sorted(set(saved) ^ set(expected)) or [
+            k for k in expected if saved.get(k) != expected[k]
+        ]
+        raise cli.SetupError(
+            f"cannot resume from ckpt_path {ckpt_path}: it was written by another model or "
+            f"method (weights differ: {differ[:4]}); resume with the same overrides as the run"
+        )
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    build.run_command(train, cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Run :func:`train`; returns ``results[optimized_metric]`` for sweepers (e.g. Optuna)."""
+    results = cli.run_command(train, cfg)
+    with cli.exit_on_user_error():
+        return cli.objective(results, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = build.open_init_overrides(sys.argv[1:])
+    sys.argv[1:] = cli.open_init_overrides(sys.argv[1:])
     main()

@@ -4,15 +4,20 @@ Checkpoint format (written by :class:`deepnlme.training.module.NLMEFitModule`): 
 checkpoint whose ``state_dict`` holds the model's weights under ``model.`` and whose
 ``"deepnlme"`` entry (:func:`checkpoint_metadata`) holds only plain data: the resolved run
 config as a dict, the data schema (covariate names), the method name and the float dtype.
-Loading uses ``torch.load(..., weights_only=True)``: nothing in the file is executed. The model
-class is imported by the dotted name in the config's ``model._target_`` and called with the
-config's arguments (no pickle, no Hydra).
+Loading (:func:`read_checkpoint`) accepts only zip-format torch files read with
+``torch.load(..., weights_only=True)``: nothing in the file is executed. The model class is
+imported by the dotted name in the config's ``model._target_`` and called with the config's
+arguments (no pickle, no Hydra), but only from a trusted module: ``deepnlme`` or one the user
+names (``trusted_modules``), because importing a module runs its top-level code. Weights that
+are not finite are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import pickle
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,81 @@ STATE_PREFIX = "model."
 FORMAT_VERSION = 1
 #: What a FittedModel uses of its estimator.
 ESTIMATOR_METHODS = ("subject_loglik", "modes", "reset")
+#: Packages whose classes a checkpoint may name without being trusted on the command line.
+TRUSTED_PACKAGES = ("deepnlme",)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The contents of a deepnlme checkpoint file, read safely (nothing in it is executed).
+
+    Only zip-format torch files (what Lightning writes) are read, with
+    ``torch.load(..., weights_only=True)``: plain pickles, legacy (non-zip) torch files and files
+    holding anything but tensors and plain data are refused.
+
+    Raises:
+        ValueError: a missing, empty or unreadable file, or one without a deepnlme entry or in
+            a newer format (the message is one line naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path}: not a deepnlme checkpoint (not a zip-format torch file; plain pickles and "
+            "legacy torch files are not read)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        reason = blocked[0].strip() if blocked else "objects other than tensors and plain data"
+        raise ValueError(f"{path}: refused, not plain data ({reason})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: unreadable torch file ({first})") from None
+    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path}: not a deepnlme checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    if int(meta.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {meta['format']} is newer than this deepnlme reads "
+            f"({FORMAT_VERSION}); update deepnlme"
+        )
+    return checkpoint
+
+
+def check_trusted(path: str, trusted_modules: Sequence[str] = ()) -> None:
+    """Raise unless the dotted path ``path`` lies in ``deepnlme`` or in ``trusted_modules``.
+
+    A checkpoint names classes by dotted path; importing their module runs its top-level code,
+    so only modules the user trusts (names on the command line) are imported.
+
+    Raises:
+        ValueError: the module is not trusted (the message says how to trust it).
+    """
+    module = str(path).rpartition(".")[0]
+    trusted = (*TRUSTED_PACKAGES, *(str(m) for m in trusted_modules))
+    if not any(module == m or module.startswith(f"{m}.") for m in trusted):
+        top = module.split(".")[0] or str(path)
+        raise ValueError(
+            f"the checkpoint names {path!r}; loading would import module {top!r}, which is not "
+            f"trusted: if you trust it, add trusted_modules=[{top}]"
+        )
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise ValueError naming the parameters/buffers of ``model`` that hold NaN or inf."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    bad = [
+        name for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"weights are not finite (NaN or inf): {shown}")
 
 
 def checkpoint_metadata(
@@ -72,34 +152,41 @@ def build_object(
     config: Mapping[str, Any],
     base: type = object,
     methods: Sequence[str] = (),
+    trusted_modules: Sequence[str] = (),
     **kwargs: Any,
 ) -> Any:
     """Call the class ``config["_target_"]`` with the other keys (nested targets first) + kwargs.
 
     Only classes are called: a subclass of ``base`` that has the attributes ``methods`` (so a
     checkpoint cannot name an arbitrary function); nested targets must be ``nn.Module`` classes.
+    Every target must lie in ``deepnlme`` or ``trusted_modules`` (:func:`check_trusted`).
     Keys starting with ``_`` other than ``_target_`` (Hydra's ``_convert_`` etc.) are ignored.
 
     Raises:
-        ValueError: the target is not such a class.
+        ValueError: the target is not such a class, or not in a trusted module.
     """
     path = str(config["_target_"])
+    check_trusted(path, trusted_modules)
     cls = import_object(path)
     if not (isinstance(cls, type) and issubclass(cls, base)) or not all(
         hasattr(cls, m) for m in methods
     ):
         raise ValueError(f"{path!r} is not a {base.__name__} class with {list(methods)}")
-    args = {k: _build_nested(v) for k, v in config.items() if not str(k).startswith("_")}
+    args = {
+        k: _build_nested(v, trusted_modules)
+        for k, v in config.items()
+        if not str(k).startswith("_")
+    }
     return cls(**args, **kwargs)
 
 
-def _build_nested(value: Any) -> Any:
+def _build_nested(value: Any, trusted_modules: Sequence[str]) -> Any:
     if isinstance(value, Mapping):
         if "_target_" in value:
-            return build_object(value, base=torch.nn.Module)
-        return {k: _build_nested(v) for k, v in value.items()}
+            return build_object(value, base=torch.nn.Module, trusted_modules=trusted_modules)
+        return {k: _build_nested(v, trusted_modules) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_build_nested(v) for v in value]
+        return [_build_nested(v, trusted_modules) for v in value]
     return value
 
 
@@ -146,36 +233,58 @@ class FittedModel:
     names: dict[str, str] = field(default_factory=dict)  # model/method/data names of the run
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FittedModel:
+    def load(
+        cls,
+        path: str | Path,
+        map_location: str | torch.device = "cpu",
+        trusted_modules: Sequence[str] = (),
+    ) -> FittedModel:
         """Rebuild the model from a checkpoint's config and load its weights (safely).
 
+        Args:
+            path: a checkpoint written by a fit (:func:`read_checkpoint`).
+            map_location: device of the loaded model.
+            trusted_modules: modules besides ``deepnlme`` whose classes the checkpoint may
+                name (the user's model modules); no other module is imported.
+
         Raises:
-            ValueError: the file is not a deepnlme checkpoint.
+            ValueError: the file is not a deepnlme checkpoint, names a class outside the
+                trusted modules, or holds weights that are not finite.
         """
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-        if meta is None:
-            raise ValueError(f"{path}: not a deepnlme checkpoint (no {CHECKPOINT_KEY!r} entry)")
-        if int(meta.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: checkpoint format {meta['format']} is newer than this deepnlme reads "
-                f"({FORMAT_VERSION}); update deepnlme"
-            )
+        checkpoint = read_checkpoint(path, map_location)
+        try:
+            return cls._from_checkpoint(checkpoint, map_location, trusted_modules)
+        except (ValueError, TypeError, KeyError, ImportError, AttributeError, RuntimeError) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ValueError(f"{path}: {' '.join(str(text).split())}") from exc
+
+    @classmethod
+    def _from_checkpoint(
+        cls,
+        checkpoint: Mapping[str, Any],
+        map_location: str | torch.device,
+        trusted_modules: Sequence[str],
+    ) -> FittedModel:
+        meta = checkpoint[CHECKPOINT_KEY]
         config = meta["config"]
         dtype = getattr(torch, str(meta.get("dtype", "float64")), None)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"{path}: unknown dtype {meta.get('dtype')!r}")
+            raise ValueError(f"unknown dtype {meta.get('dtype')!r}")
         with default_dtype(dtype):
-            model = build_object(config["model"], base=NLMEModel)
+            model = build_object(config["model"], base=NLMEModel, trusted_modules=trusted_modules)
         state = {
             k.removeprefix(STATE_PREFIX): v
             for k, v in checkpoint["state_dict"].items()
             if k.startswith(STATE_PREFIX)
         }
         model.load_state_dict(state)
+        check_finite_weights(model)
         model.to(device=map_location, dtype=dtype)
         estimator = build_object(
-            config["method"]["estimator"], methods=ESTIMATOR_METHODS, model=model
+            config["method"]["estimator"],
+            methods=ESTIMATOR_METHODS,
+            trusted_modules=trusted_modules,
+            model=model,
         )
         names = dict(meta.get("names", {}))
         return cls(model, estimator, config, list(meta["covariate_names"]), dtype, names)

@@ -1,39 +1,47 @@
 """Hydra config -> objects (the only place in the package that instantiates from configs).
 
-Used by ``train.py`` and ``predict.py``. Problems a user can fix from the command line (bad
-data, a model that does not fit the data, an unknown parameter or class) are raised as
-:class:`~deepnlme.data.errors.DataValidationError` or :class:`SetupError`, whose message is one
-line; :func:`exit_on_user_error` turns them into that line on stderr and exit status 1.
+Used by ``train.py``, ``predict.py`` and ``simulate.py``. Problems a user can fix from the
+command line (bad data, a model that does not fit the data, an unknown parameter or class) are
+raised as :class:`~deepnlme.data.errors.DataValidationError` or :class:`SetupError`, whose
+message is one line; :func:`exit_on_user_error` turns them into that line on stderr and exit
+status 1 (both live in :mod:`deepnlme.cli`).
+
+Importing this module loads torch and the data layer, not Lightning nor the models: a command
+reads and checks its data before the rest loads (start-up time of data errors).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import os
-import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from deepnlme.cli import (  # noqa: F401  (the commands' names for these, re-exported)
+    SetupError,
+    exit_on_user_error,
+    open_init_overrides,
+    run_command,
+)
+from deepnlme.cli import one_line as _message
 from deepnlme.data.errors import DataValidationError
 from deepnlme.data.population import Population
 from deepnlme.data.sources import load_from_config
 from deepnlme.data.split import split_heldout
-from deepnlme.fitted import check_model_data, default_dtype, import_object
-from deepnlme.inference.optimize import OuterOptions
-from deepnlme.model.base import NLMEModel
-from deepnlme.training.callbacks import FitProgressBar
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from deepnlme.inference.optimize import OuterOptions
+    from deepnlme.model.base import NLMEModel
 
 log = logging.getLogger(__name__)
 
@@ -41,37 +49,8 @@ log = logging.getLogger(__name__)
 MIN_ITERATIONS_PER_EPOCH = 4
 #: Keys of a model config handled by the model base class (whatever the class's signature).
 BASE_MODEL_KEYS = ("init", "fixed")
-
-
-class SetupError(Exception):
-    """A run cannot start: bad configuration, or model and data do not fit together."""
-
-
-def _message(exc: BaseException) -> str:
-    """One line describing ``exc`` (the cause of Hydra's wrapper exceptions)."""
-    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return " ".join(str(text).split()) or type(exc).__name__
-
-
-@contextlib.contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """Print user errors as one line on stderr and exit with status 1 (no traceback)."""
-    try:
-        yield
-    except (DataValidationError, SetupError) as exc:
-        print(f"error: {_message(exc)}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def open_init_overrides(args: list[str]) -> list[str]:
-    """Command-line overrides with ``model.init.NAME=V`` turned into ``++model.init.NAME=V``.
-
-    ``model.init`` is an open dict of initial estimates (``{}`` in the configs); Hydra would
-    otherwise ask for ``+`` to add a key to it.
-    """
-    return [f"++{a}" if a.startswith("model.init.") else a for a in args]
+#: Name (without .ckpt) of the checkpoint rewritten every epoch in RUN/checkpoints/.
+LAST_CHECKPOINT = "last"
 
 
 def plain(config: DictConfig | Mapping) -> dict[str, Any]:
@@ -111,10 +90,16 @@ def model_arguments(model_cfg: DictConfig | Mapping) -> dict[str, Any]:
     A config group's class-specific keys (e.g. ``error``) are dropped, with a warning, when
     ``model._target_`` names a class that does not take them; ``init``/``fixed`` always stay.
     """
+    from deepnlme.fitted import import_object
+    from deepnlme.model.base import NLMEModel
+
     config = plain(model_cfg)
     target = config.get("_target_")
-    if not target:
-        raise SetupError("model config needs a _target_ (the model class, module.Class)")
+    if not target or target == "???":
+        raise SetupError(
+            "model config needs a _target_: set model._target_=module.Class (an NLMEModel "
+            "subclass), e.g. model=custom model._target_=mymodels.MyModel"
+        )
     try:
         cls = import_object(target)
     except (ImportError, AttributeError) as exc:
@@ -133,6 +118,8 @@ def model_arguments(model_cfg: DictConfig | Mapping) -> dict[str, Any]:
 
 def build_model(model_cfg: DictConfig | Mapping, dtype: torch.dtype) -> tuple[NLMEModel, dict]:
     """``(model, the arguments it was built with)``; parameters are created in ``dtype``."""
+    from deepnlme.fitted import default_dtype
+
     config = model_arguments(model_cfg)
     try:
         with default_dtype(dtype):
@@ -144,6 +131,8 @@ def build_model(model_cfg: DictConfig | Mapping, dtype: torch.dtype) -> tuple[NL
 
 def check_data(model: NLMEModel, pop: Population) -> None:
     """Raise if ``pop`` lacks a covariate of ``model`` or uses a compartment it does not have."""
+    from deepnlme.fitted import check_model_data
+
     try:
         check_model_data(model, pop)
     except DataValidationError:
@@ -164,6 +153,8 @@ def build_estimator(method_cfg: DictConfig | Mapping, model: NLMEModel) -> Any:
 
 def outer_options(method_cfg: DictConfig | Mapping) -> tuple[OuterOptions, int]:
     """``(L-BFGS options, iterations per epoch)`` from a method config."""
+    from deepnlme.inference.optimize import OuterOptions
+
     config = plain(method_cfg)
     per_epoch = int(config["iterations_per_epoch"])
     if per_epoch < MIN_ITERATIONS_PER_EPOCH:
@@ -201,13 +192,25 @@ def build_trainer(
 ) -> pl.Trainer:
     """The Lightning Trainer of the config, writing under ``output_dir``.
 
-    Adds to ``callbacks`` a checkpoint of every epoch at ``output_dir/checkpoints/last.ckpt``
-    and, when the progress bar is enabled, :class:`FitProgressBar`.
+    Adds to ``callbacks`` a checkpoint at ``output_dir/checkpoints/last.ckpt`` rewritten at the
+    end of every epoch (Lightning writes it whole to a temporary file that is then moved into
+    place, so a fit killed at any moment leaves the last complete epoch's state) and, when the
+    progress bar is enabled, :class:`FitProgressBar`.
     """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from deepnlme.training.callbacks import FitProgressBar
+
     quiet_lightning()
     config = plain(trainer_cfg)
+    # One file named "last", kept and overwritten each epoch (no monitored metric: top-1 is the
+    # newest). save_last=True with save_top_k=0 would write it only when the fit ends.
     checkpoints = ModelCheckpoint(
-        dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
+        dirpath=Path(output_dir) / "checkpoints",
+        filename=LAST_CHECKPOINT,
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
     )
     extra = [checkpoints]
     if config.get("enable_progress_bar", True):
@@ -241,13 +244,3 @@ def set_threads(cfg: DictConfig | Mapping) -> None:
     """Apply the config's ``threads`` (torch CPU threads; null keeps torch's default)."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-
-
-def run_command(step: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
-    """Body of the command-line shims: ``step(cfg, run_dir)`` with the working directory
-    importable (users' model modules: ``model._target_=mymodule.MyModel``) and user errors
-    reported as one line without a traceback."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    with exit_on_user_error():
-        step(cfg, Path(HydraConfig.get().runtime.output_dir))

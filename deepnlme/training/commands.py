@@ -9,6 +9,8 @@ its subjects, held-out ones included). Problems a user can fix are raised as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from omegaconf import DictConfig
 
 from deepnlme.data.population import Population
@@ -16,12 +18,26 @@ from deepnlme.fitted import FittedModel
 from deepnlme.training import build
 
 
-def load_fitted(ckpt_path: str) -> FittedModel:
-    """:meth:`FittedModel.load`, with unusable files reported as a :class:`SetupError`."""
+def load_fitted(ckpt_path: str, trusted_modules: Sequence[str] = ()) -> FittedModel:
+    """:meth:`FittedModel.load`, with unusable files reported as a :class:`SetupError`.
+
+    ``trusted_modules``: the user's modules whose classes the checkpoint may name (besides
+    ``deepnlme``); no other module is imported.
+    """
     try:
-        return FittedModel.load(ckpt_path)
-    except (OSError, ValueError, KeyError, ImportError, AttributeError, RuntimeError) as exc:
-        raise build.SetupError(f"cannot load checkpoint {ckpt_path}: {exc}") from exc
+        return FittedModel.load(ckpt_path, trusted_modules=trusted_modules)
+    except (OSError, ValueError) as exc:
+        raise build.SetupError(f"cannot load checkpoint {exc}") from exc
+
+
+def trusted_module_names(cfg: DictConfig) -> list[str]:
+    """The config's ``trusted_modules`` (a list of module names; a single name is accepted)."""
+    value = cfg.get("trusted_modules") or []
+    names = [value] if isinstance(value, str) else [str(m) for m in value]
+    bad = [m for m in names if not all(part.isidentifier() for part in m.split("."))]
+    if bad:
+        raise build.SetupError(f"trusted_modules: {bad} are not module names (e.g. mymodels)")
+    return names
 
 
 def load_subjects(cfg: DictConfig, fitted: FittedModel) -> tuple[Population, str]:
@@ -43,6 +59,6 @@ def load_run(cfg: DictConfig) -> tuple[FittedModel, Population, dict[str, str]]:
     """The checkpoint ``cfg.ckpt_path``, the subjects to apply it to (:func:`load_subjects`)
     and the head of the command's results.json (model/method/data names, ``ckpt_path``)."""
     build.set_threads(cfg)
-    fitted = load_fitted(str(cfg.ckpt_path))
+    fitted = load_fitted(str(cfg.ckpt_path), trusted_module_names(cfg))
     pop, data_name = load_subjects(cfg, fitted)
     return fitted, pop, {**fitted.names, "data": data_name, "ckpt_path": str(cfg.ckpt_path)}
