@@ -21,10 +21,12 @@ METHOD_KEYS = {"estimator", "lr", "max_iter", "gtol", "converged_gtol", "iterati
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    """The group's options; for ``model``, those with a class (not ``custom``)."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if p.stem != "custom")
 
 
 COMBINATIONS = list(itertools.product(*(options(g) for g in GROUPS)))
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,7 @@ def test_train_defaults_list():
         "method": "laplace",
         "trainer": "default",
         "hydra": "default",
+        "hparams_search": None,
     }
 
 
@@ -156,3 +159,56 @@ def test_predict_config_composes(hydra_configs):
     cfg = compose("predict", ["ckpt_path=x.ckpt"])
     assert cfg.get("data") is None and cfg.ckpt_path == "x.ckpt"
     assert compose("predict", ["ckpt_path=x", "data=csv", "data.path=a.csv"]).data.path == "a.csv"
+
+
+def test_custom_model_group_takes_any_class_without_warnings(hydra_configs, caplog):
+    cfg = compose_train("model=custom", "model._target_=deepnlme.model.zoo.pk.PhenoModel")
+    with caplog.at_level("WARNING"):
+        model, arguments = build.build_model(cfg.model, torch.float64)
+    assert type(model).__name__ == "PhenoModel"
+    assert arguments == {"_target_": "deepnlme.model.zoo.pk.PhenoModel", "init": {}, "fixed": []}
+    assert caplog.records == []
+    # the class-specific keys of another group are what the warning was about
+    other = compose_train("model=one_cmt_iv", "model._target_=deepnlme.model.zoo.pk.PhenoModel")
+    with caplog.at_level("WARNING"):
+        build.build_model(other.model, torch.float64)
+    assert "takes no argument(s) ['error', 'omega_structure']; ignored" in caplog.text
+
+
+def test_custom_model_group_without_a_class_is_a_setup_error(hydra_configs):
+    with pytest.raises(build.SetupError, match=r"set model._target_=module.Class"):
+        build.build_model(compose_train("model=custom").model, torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "partition", "gpus", "cpus"),
+    [("slurm_cpu", None, None, 2), ("slurm_gpu", "gpu", 1, 4)],
+)
+def test_slurm_launcher_configs_compose(hydra_configs, launcher, partition, gpus, cpus):
+    cfg = compose_train(f"hydra/launcher={launcher}", hydra=True).hydra.launcher
+    assert cfg._target_ == SLURM_LAUNCHER
+    assert (cfg.partition, cfg.gpus_per_task, cfg.cpus_per_task) == (partition, gpus, cpus)
+    assert cfg.timeout_min > 0 and cfg.mem_gb > 0
+    overrides = [
+        f"hydra/launcher={launcher}", "hydra.launcher.partition=short",
+        "hydra.launcher.gpus_per_task=2", "hydra.launcher.timeout_min=30",
+        "hydra.launcher.mem_gb=64", "+hydra.launcher.additional_parameters.account=pk",
+    ]
+    cfg = compose_train(*overrides, hydra=True).hydra.launcher
+    assert (cfg.partition, cfg.gpus_per_task, cfg.timeout_min, cfg.mem_gb) == ("short", 2, 30, 64)
+    assert cfg.additional_parameters == {"account": "pk"}
+    resolved = OmegaConf.to_container(cfg, resolve=False)
+    assert resolved["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
+
+
+def test_optuna_search_config_composes(hydra_configs):
+    cfg = compose("train", ["hparams_search=neural_pk_optuna"], return_hydra_config=True)
+    assert cfg.optimized_metric == "heldout.loglik" and cfg.data.heldout_fraction == 0.25
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert sweeper.direction == "maximize"
+    assert dict(sweeper.params) == {
+        "model.hidden": "choice([4], [8], [16])",
+        "model.weight_decay": "interval(1.0, 50.0)",
+    }
+    assert compose_train().optimized_metric == "ofv"

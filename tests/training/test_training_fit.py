@@ -155,15 +155,3 @@ def test_training_step_is_the_estimator_loss():
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.LBFGS)
     assert optimizer.defaults["max_iter"] == module.iterations_per_epoch
-
-
-def test_checkpoint_cannot_name_arbitrary_callables(tmp_path):
-    metadata = checkpoint_metadata(
-        {**CONFIG, "model": {"_target_": "os.system", "command": "echo hacked"}},
-        ["WT"],
-        torch.float64,
-    )
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, CHECKPOINT_KEY: metadata}, path)
-    with pytest.raises(ValueError, match="not a NLMEModel class"):
-        FittedModel.load(path)
