@@ -19,6 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import predict as predict_module
 import train as train_module
 from deepnlme.data import DataValidationError, load_population
 from deepnlme.training import build
@@ -264,7 +265,7 @@ def test_user_model_class_from_the_working_directory(tmp_path):
     (tmp_path / "usermodels.py").write_text(textwrap.dedent(USER_MODEL))
     r = train(
         tmp_path / "run",
-        "model=one_cmt_oral", "model._target_=usermodels.ClearanceOnly", "+model.sigma=0.5",
+        "model=custom", "model._target_=usermodels.ClearanceOnly", "+model.sigma=0.5",
         "model.init.tvv=0.3", "model.fixed=[tvv]", "data=theophylline", "trainer.max_epochs=2",
         cwd=tmp_path,
     )
@@ -283,3 +284,35 @@ def test_main_job_runs(tmp_path):
     assert RESULT_KEYS <= set(r)
     assert r["n_subjects"] == 30 and r["heldout"]["n_subjects"] == 10  # heldout_fraction 0.25
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def readme_custom_model_example() -> tuple[str, list[str]]:
+    """The README's ``mymodels.py`` and the overrides of its ``model=custom`` command."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Writing a model"):]
+    code = section[section.index("```python\n# mymodels.py") + len("```python\n"):]
+    code = code[: code.index("```")]
+    command = next(
+        line for line in section.splitlines() if line.startswith("python3 train.py model=custom")
+    )
+    return code, command.split()[2:]
+
+
+@pytest.mark.slow
+def test_readme_custom_model_example_runs_clean(tmp_path, monkeypatch, caplog, in_process):
+    code, overrides = readme_custom_model_example()
+    assert overrides[:2] == ["model=custom", "model._target_=mymodels.WeightOnClearance"]
+    (tmp_path / "mymodels.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        r = in_process(tmp_path / "run", *overrides, "trainer.enable_progress_bar=false")
+    assert [rec for rec in caplog.records if rec.levelname == "WARNING"] == []
+    assert r["model"] == "WeightOnClearance" and r["converged"] is True
+    # cl_wt = 0 is the one-compartment model (-180.153): the covariate can only help
+    assert r["loglik"] > -180.153 - 0.01 and r["n_parameters"] == 8
+    assert set(r["se"]) == set(r["params"])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose("predict", [f"ckpt_path={ckpt}", "trusted_modules=[mymodels]"])
+    (tmp_path / "predict").mkdir()
+    predicted = predict_module.predict(cfg, tmp_path / "predict")
+    assert predicted["loglik"] == pytest.approx(r["loglik"], abs=1e-4)
