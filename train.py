@@ -14,11 +14,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
 from deepnlme import cli
+
+if TYPE_CHECKING:
+    from deepnlme.training.module import NLMEFitModule
 
 log = logging.getLogger("deepnlme.train")
 
@@ -120,7 +124,7 @@ def _resume_checkpoint(ckpt_path: str | None) -> dict | None:
         raise cli.SetupError(f"cannot resume from ckpt_path {exc}") from None
 
 
-def _check_resumable(ckpt_path: str, checkpoint: dict, module) -> None:
+def _check_resumable(ckpt_path: str, checkpoint: dict, module: NLMEFitModule) -> None:
     """Raise :class:`~deepnlme.cli.SetupError` unless ``checkpoint`` holds a training state of
     this run's model (same weight names and shapes)."""
     saved = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}

@@ -137,7 +137,7 @@ def test_checkpoint_class_path_is_imported_only_from_trusted_modules(theo_ckpt, 
     ]
 
 
-def test_untrusted_estimator_and_nested_targets_are_refused(theo_ckpt, tmp_path):
+def test_untrusted_estimator_class_is_refused(theo_ckpt, tmp_path):
     def estimator_elsewhere(checkpoint):
         checkpoint[CHECKPOINT_KEY]["config"]["method"]["estimator"]["_target_"] = "json.JSONDecoder"
 

@@ -180,11 +180,14 @@ class _NoAdvertisements(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Keep Lightning's product tips and its internal deprecation notice out of fit output."""
+    """Keep Lightning's product tips, its internal deprecation notice and its note on resuming
+    into another directory out of fit output."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdvertisements) for f in logger.filters):
         logger.addFilter(_NoAdvertisements())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # resuming into a new run directory (ckpt_path=OLD_RUN/checkpoints/last.ckpt) is the usual case
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 def build_trainer(
