@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,34 @@ def test_optuna_search_config_composes(hydra_configs):
         "model.weight_decay": "interval(1.0, 50.0)",
     }
     assert compose_train().optimized_metric == "ofv"
+
+
+def test_slurm_gpu_launcher_becomes_these_sbatch_options(hydra_configs, tmp_path, monkeypatch):
+    """The launcher config as submitit turns it into an sbatch script (the plugin's own mapping
+    of keys; a stand-in ``srun`` on PATH, no SLURM)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    overrides = [
+        "hydra/launcher=slurm_gpu", "hydra.launcher.partition=a100", "hydra.launcher.mem_gb=64",
+        "hydra.launcher.timeout_min=240", "+hydra.launcher.additional_parameters.account=pk",
+    ]
+    params = OmegaConf.to_container(compose_train(*overrides, hydra=True).hydra.launcher)
+    params.pop("_target_")
+    # hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher.launch
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "jobs")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{
+        k if k in base else f"slurm_{k}": v
+        for k, v in params.items()
+        if k not in ("submitit_folder", "max_num_timeout")
+    })
+    script = executor._executor._make_submission_file_text("python3 train.py", "0")
+    options = {line for line in script.splitlines() if line.startswith("#SBATCH")}
+    assert {
+        "#SBATCH --partition=a100", "#SBATCH --gpus-per-task=1", "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=64GB", "#SBATCH --time=240", "#SBATCH --account=pk",
+    } <= options
