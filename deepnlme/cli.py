@@ -43,12 +43,21 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(text).split()) or type(exc).__name__
 
 
-def _is_data_error(exc: BaseException) -> bool:
-    # deepnlme.data (and torch with it) is imported only when a command loads data; an
-    # exception of that module's type implies it is loaded, so this import costs nothing then.
-    from deepnlme.data.errors import DataValidationError
+#: User-error classes of the heavy layers, as (module, class name): their modules import torch,
+#: so they are looked up only in modules already loaded (an exception of a class implies that
+#: its module is loaded). Their messages are one line, like :class:`SetupError`'s.
+USER_ERRORS = (("deepnlme.data.errors", "DataValidationError"),)
 
-    return isinstance(exc, DataValidationError)
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a problem the user can fix (reported as one line, exit status 1)."""
+    if isinstance(exc, SetupError):
+        return True
+    for module_name, class_name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -57,14 +66,11 @@ def exit_on_user_error() -> Iterator[None]:
     stopped by a signal exits with 128 + the signal number after its one line."""
     try:
         yield
-    except SetupError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(1) from None
     except Interrupted as exc:
         print(f"stopped: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(exc.exit_status) from None
-    except ValueError as exc:
-        if not _is_data_error(exc):
+    except Exception as exc:
+        if not is_user_error(exc):
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
