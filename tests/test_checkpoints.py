@@ -169,6 +169,8 @@ def test_user_model_needs_trusted_modules_to_reload(commands, capsys, tmp_path, 
         "the checkpoint names 'trustmodels.TrustedOneCmt'; loading would import module "
         "'trustmodels', which is not trusted: if you trust it, add trusted_modules=[trustmodels]"
     )
+    line = predict_error(commands, capsys, tmp_path, ckpt, "trusted_modules=[trust-models]")
+    assert line == "error: trusted_modules: ['trust-models'] are not module names (e.g. mymodels)"
     r = commands(
         predict_module.predict, "predict", tmp_path / "p", f"ckpt_path={ckpt}",
         "data=theophylline", "trusted_modules=[trustmodels]",
