@@ -47,6 +47,7 @@ def theo_ckpt(commands, tmp_path_factory) -> Path:
 
 def predict_error(commands, capsys, tmp_path, ckpt: Path, *overrides: str) -> str:
     """The one stderr line of ``predict.py ckpt_path=ckpt`` (exit status 1)."""
+    capsys.readouterr()  # what earlier steps of the test wrote
     with pytest.raises(SystemExit) as stopped:
         commands(
             predict_module.predict, "predict", tmp_path / "out", f"ckpt_path={ckpt}", *overrides
@@ -212,6 +213,7 @@ def test_resume_from_missing_or_foreign_checkpoint_is_one_line(
         (tmp_path / "missing.ckpt", f"{tmp_path / 'missing.ckpt'}: file not found"),
         (theo_ckpt, f"{theo_ckpt}: it was written by another model or method (weights differ: "),
     ):
+        capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
             commands(
                 train_module.train, "train", tmp_path / "resumed", "model=two_cmt_oral",
