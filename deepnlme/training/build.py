@@ -31,6 +31,7 @@ from deepnlme.data.population import Population
 from deepnlme.data.sources import load_from_config
 from deepnlme.data.split import split_heldout
 from deepnlme.fitted import check_model_data, default_dtype, import_object
+from deepnlme.inference.feasibility import ObjectiveError
 from deepnlme.inference.optimize import OuterOptions
 from deepnlme.model.base import NLMEModel
 from deepnlme.training.callbacks import FitProgressBar
@@ -60,7 +61,7 @@ def exit_on_user_error() -> Iterator[None]:
     """Print user errors as one line on stderr and exit with status 1 (no traceback)."""
     try:
         yield
-    except (DataValidationError, SetupError) as exc:
+    except (DataValidationError, SetupError, ObjectiveError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -196,6 +197,30 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+#: How to get a CUDA build of the pinned PyTorch (README, section on GPUs).
+CUDA_INSTALL = (
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/<CUDA tag, e.g. "
+    "cu128> (the tag for your driver: https://pytorch.org/get-started/locally/)"
+)
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Raise :class:`SetupError` when ``accelerator`` asks for a GPU that PyTorch cannot use:
+    a CPU-only build (``torch.version.cuda`` is None), or no GPU visible to a CUDA build."""
+    if str(accelerator).lower() not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        raise SetupError(
+            f"trainer=gpu needs a CUDA build of PyTorch, and this one ({torch.__version__}) is "
+            f"CPU-only; install one with: {CUDA_INSTALL}; or run on the CPU (trainer=default)"
+        )
+    raise SetupError(
+        f"trainer=gpu: PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
+        "check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or run on the CPU "
+        "(trainer=default)"
+    )
+
+
 def build_trainer(
     trainer_cfg: DictConfig | Mapping, output_dir: str | Path, callbacks: list
 ) -> pl.Trainer:
@@ -206,6 +231,7 @@ def build_trainer(
     """
     quiet_lightning()
     config = plain(trainer_cfg)
+    check_accelerator(config.get("accelerator"))
     checkpoints = ModelCheckpoint(
         dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
     )
