@@ -41,6 +41,7 @@ upper-case when the column is absent. Only the first problem found is reported.
 
 from __future__ import annotations
 
+import codecs
 import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -141,18 +142,40 @@ def _split_records(text: str) -> list[list[str]]:
     return list(csv.reader(lines, delimiter=sep))
 
 
+def _decode(data: bytes, source: str) -> str:
+    """Text of a table: UTF-16 with a byte-order mark, else UTF-8 (a BOM is dropped).
+
+    Bytes that are not UTF-8 are an error naming the row and column they sit in."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8-sig", errors="replace")
+        lines = before.splitlines(keepends=True)
+        row = before.count("\n")
+        line = "" if before.endswith("\n") or not lines else lines[-1]
+        header = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
+        sep = _separator(header)
+        column = len(line.split(sep) if sep else line.split() or [""])
+        names = _split_records(header)[0] if header.strip() else []
+        name = names[column - 1].strip() if 0 < column <= len(names) else str(column)
+        raise DataValidationError(
+            f"{source}: row {row}, column {name}: byte 0x{data[exc.start]:02x} is not UTF-8 "
+            "text; save the file as UTF-8"
+        ) from None
+
+
 def _read_records(
     path: str | Path, source: str
 ) -> tuple[list[str], list[int], list[list[str]], int]:
     """Header and data records of the table; returns (header, 0-based row numbers, records,
     number of comment records skipped)."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            text = fh.read()
-        records = _split_records(text)
+        records = _split_records(_decode(Path(path).read_bytes(), source))
     except FileNotFoundError:
         raise DataValidationError(f"{source}: file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except (OSError, csv.Error) as exc:
         raise DataValidationError(f"{source}: cannot read the file: {exc}") from None
     if not records or not any(h.strip() for h in records[0]):
         raise DataValidationError(f"{source}: row 0, column ID: the file has no header line")
