@@ -184,6 +184,8 @@ def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitR
     value = value if feasible(value) else math.inf
     g = grad_max(params)
     n_iter = lbfgs_iterations(optimizer)
-    reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, True)
+    # L-BFGS also stops when its evaluation budget (1.25 per iteration) is spent: a budget too.
+    own = lbfgs_evaluations(optimizer) < optimizer.param_groups[0]["max_eval"]
+    reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, own) or STOP_MAX_ITER
     converged = is_converged(value, g, opts.converged_gtol, reason)
     return FitResult(value, n_iter, n_evals, g, converged, seconds, reason)
