@@ -66,9 +66,12 @@ def is_converged(loss: float, grad_max: float, converged_gtol: float, stop_reaso
     )
 
 
-def stop_reason(loss: float, grad_max: float, gtol: float, n_iter: int, max_iter: int,
-                stopped_itself: bool) -> str:
-    """Why an L-BFGS run ends here ("" when it should go on); see :data:`OWN_STOPS`."""
+def stop_reason(
+    loss: float, grad_max: float, gtol: float, n_iter: int, max_iter: int, stopped_itself: bool
+) -> str:
+    """Why an L-BFGS run ends here ("" when it should go on): a non-finite objective, the
+    gradient below ``gtol``, ``max_iter`` iterations in all, or L-BFGS stopping on its own
+    (``stopped_itself``: its tolerance on the change of loss or parameters fired)."""
     if not feasible(loss):
         return STOP_NOT_FINITE
     if grad_max < gtol:
