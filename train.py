@@ -44,6 +44,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
     from deepnlme import diagnostics
     from deepnlme.fitted import checkpoint_metadata
+    from deepnlme.inference.optimize import convergence_warning
     from deepnlme.training import (
         ConvergenceMonitor,
         FitTimer,
@@ -93,13 +94,17 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "fit_seconds": timer.seconds,
         **diagnostics.parameter_summary(model),
     }
-    se = None
-    if cfg.get("se", True):
-        se = diagnostics.standard_errors(estimator, fit_pop)
-        if se is None:
-            log.info("no standard errors: the model has parameters besides θ, Ω and σ")
-        else:
-            results["se"] = se
+    se, warnings = diagnostics.covariance_step(estimator, fit_pop, cfg.get("se", True))
+    if se is None and cfg.get("se", True):
+        log.info("no standard errors: the model has parameters besides θ, Ω and σ")
+    elif se is not None:
+        results["se"] = se
+    not_converged = convergence_warning(
+        monitor.converged, monitor.stop_reason, monitor.grad_max, outer.converged_gtol
+    )
+    results["warnings"] = [not_converged, *warnings] if not_converged else warnings
+    for warning in results["warnings"]:
+        log.warning(warning)
     if heldout_pop is not None:
         results["heldout"] = evaluations[1].metrics()
     diagnostics.write_results(output_dir / "results.json", results)

@@ -46,7 +46,10 @@ def one_line(exc: BaseException) -> str:
 #: User-error classes of the heavy layers, as (module, class name): their modules import torch,
 #: so they are looked up only in modules already loaded (an exception of a class implies that
 #: its module is loaded). Their messages are one line, like :class:`SetupError`'s.
-USER_ERRORS = (("deepnlme.data.errors", "DataValidationError"),)
+USER_ERRORS = (
+    ("deepnlme.data.errors", "DataValidationError"),
+    ("deepnlme.inference.feasibility", "ObjectiveError"),
+)
 
 
 def is_user_error(exc: BaseException) -> bool:

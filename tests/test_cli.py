@@ -101,6 +101,8 @@ def test_theophylline_laplace_results(theo_run):
     assert r["aic"] == pytest.approx(r["ofv"] + 14)
     assert r["bic"] == pytest.approx(r["ofv"] + 7 * math.log(132))
     assert r["converged"] is True and r["n_iter"] > 0 and r["grad_max"] < 1e-3
+    assert r["stop_reason"] in ("gradient below gtol", "no progress")
+    assert r["warnings"] == []  # a well-determined fit: no false alarm
     assert r["fit_seconds"] > 0
     p = r["params"]
     assert set(p) == {"tvka", "tvcl", "tvv", "omega", "sigma_add"}
@@ -179,6 +181,10 @@ def test_resume_from_checkpoint(in_process, tmp_path):
     short = ("method.iterations_per_epoch=5",)
     first = in_process(tmp_path / "a", *THEO, *short, "trainer.max_epochs=1")
     assert first["converged"] is False and first["n_iter"] == 5
+    assert first["stop_reason"] == "max_epochs reached"
+    assert first["warnings"][0].startswith(
+        "the fit did not converge: it stopped with max_epochs reached"
+    )
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     resumed = in_process(tmp_path / "b", *THEO, *short, f"ckpt_path={ckpt}")
     assert resumed["converged"] is True and resumed["n_iter"] > 5
@@ -213,6 +219,41 @@ def test_compartment_outside_the_model_is_one_line(in_process, capsys, tmp_path)
         in_process, capsys, tmp_path, "model=one_cmt_oral", "data=csv", f"data.path={bad}"
     )
     assert line.startswith(f"error: {bad}: row 2, column CMT: CMT 7 exceeds")
+
+
+def test_non_finite_start_is_one_line_naming_the_observation(in_process, capsys, tmp_path):
+    line = in_process_error(
+        in_process, capsys, tmp_path, "model=one_cmt_oral", "data=theophylline",
+        "model.error=proportional",
+    )
+    assert line.startswith(
+        "error: theophylline: row 2, column DV: ID 1, TIME 0, DV 0.74: the log-likelihood is "
+        "not finite at the starting estimates"
+    )
+    assert "model.error=combined" in line
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_table_without_observations_is_one_line(in_process, capsys, tmp_path):
+    doses = tmp_path / "doses.csv"
+    doses.write_text("ID,TIME,DV,AMT,EVID,MDV,CMT\n1,0,.,100,1,1,1\n2,0,.,100,1,1,1\n")
+    line = in_process_error(
+        in_process, capsys, tmp_path, "model=one_cmt_oral", "data=csv", f"data.path={doses}"
+    )
+    assert line == (
+        f"error: {doses}: row 0, column DV: the table has no observations (rows with EVID 0 "
+        "and MDV 0 and a DV); nothing to fit"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of CPU-only PyTorch")
+def test_gpu_trainer_without_cuda_is_one_line(in_process, capsys, tmp_path):
+    line = in_process_error(in_process, capsys, tmp_path, *THEO, "trainer=gpu")
+    assert line.startswith(
+        f"error: trainer=gpu needs a CUDA build of PyTorch, and this one ({torch.__version__}) "
+        "is CPU-only; install one with: pip install torch==2.13.0 --index-url "
+        "https://download.pytorch.org/whl/"
+    )
 
 
 def test_missing_covariate_is_one_line(in_process, capsys, tmp_path):

@@ -162,6 +162,7 @@ def build_population(table: EventTable, dtype: torch.dtype | None = None) -> Pop
     first_row = np.searchsorted(subj, np.arange(n), side="left")
     meta = {
         **table.counts(),
+        "n_comments": table.n_comments,
         "n_dose_events": len(dose["time"]),
         "n_addl_cancelled": n_cancelled,
         "columns": dict(table.columns),

@@ -24,6 +24,14 @@ Rules, beyond NONMEM's own:
   between columns is an error.
 * Entirely empty lines are skipped but still counted in the row numbering, so ``row r`` is
   always the r-th record under the header. Trailing empty fields beyond the header are allowed.
+* Separators: comma; else semicolon or tab when the header line has one and no comma; else
+  runs of blanks (NONMEM's own layout). A decimal comma is not a number (an error, not a guess).
+* Comments, as NONMEM reads them: a record whose first field starts with ``#`` (NONMEM's
+  default ``IGNORE=#``), and, when the table has a column ``C`` (NONMEM's ``$INPUT C ...``
+  with ``IGNORE=C``), a record whose ``C`` field holds anything but ``.`` or nothing. Comment
+  records are skipped (still counted in the row numbering; ``EventTable.n_comments``).
+* Numbers must be finite and at most :data:`MAX_MAGNITUDE` in absolute value (so that sums and
+  squares stay finite in float32 and float64); larger values are an error, not a silent NaN.
 
 Every problem raises :class:`DataValidationError` with the message
 ``"{file}: row {row}, column {COLUMN}: {problem}"``: ``row`` is 1-based (row 0 is the header,
@@ -33,6 +41,7 @@ upper-case when the column is absent. Only the first problem found is reported.
 
 from __future__ import annotations
 
+import codecs
 import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +58,10 @@ NUMERIC_COLUMNS = ("TIME", "DV", "AMT", "EVID", "MDV", "CMT", "RATE", "DUR", "II
 INTEGER_COLUMNS = ("EVID", "MDV", "CMT", "ADDL", "SS")
 EVENT_COLUMNS = ("ID",) + NUMERIC_COLUMNS
 MISSING_TOKENS = frozenset({"", ".", "na", "nan"})
+#: Largest absolute value accepted in a numeric column (1e15: squares stay finite in float32).
+MAX_MAGNITUDE = 1e15
+#: Name of NONMEM's comment column (``$INPUT C ID TIME ...`` with ``IGNORE=C``).
+COMMENT_COLUMN = "C"
 DOSE_EVIDS = (1, 4)
 
 
@@ -72,6 +85,7 @@ class EventTable:
     n_doses: int = 0  # EVID 1 or 4 (before ADDL expansion)
     n_resets: int = 0  # EVID 3
     n_other: int = 0  # EVID 2, or EVID 0 with MDV 1
+    n_comments: int = 0  # comment records skipped (not in n_rows)
 
     def counts(self) -> dict[str, int]:
         """Row counts by kind; they add up to ``n_rows``."""
@@ -110,14 +124,58 @@ class _Reporter:
 
 
 # ------------------------------------------------------------------------- reading the file
-def _read_records(path: str | Path, source: str) -> tuple[list[str], list[int], list[list[str]]]:
-    """Header and data records of the CSV; returns (header, 0-based row numbers, records)."""
+def _separator(header_line: str) -> str | None:
+    """The field separator of a table from its header line; None for runs of blanks."""
+    for sep in (",", ";", "\t"):
+        if sep in header_line:
+            return sep
+    return None if header_line.strip() and len(header_line.split()) > 1 else ","
+
+
+def _split_records(text: str) -> list[list[str]]:
+    """Records of the file's text (separator chosen from the header line)."""
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    sep = _separator(first)
+    if sep is None:
+        return [line.split() for line in lines]
+    return list(csv.reader(lines, delimiter=sep))
+
+
+def _decode(data: bytes, source: str) -> str:
+    """Text of a table: UTF-16 with a byte-order mark, else UTF-8 (a BOM is dropped).
+
+    Bytes that are not UTF-8 are an error naming the row and column they sit in."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            records = list(csv.reader(fh))
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8-sig", errors="replace")
+        lines = before.splitlines(keepends=True)
+        row = before.count("\n")
+        line = "" if before.endswith("\n") or not lines else lines[-1]
+        header = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
+        sep = _separator(header)
+        column = len(line.split(sep) if sep else line.split() or [""])
+        names = _split_records(header)[0] if header.strip() else []
+        name = names[column - 1].strip() if 0 < column <= len(names) else str(column)
+        raise DataValidationError(
+            f"{source}: row {row}, column {name}: byte 0x{data[exc.start]:02x} is not UTF-8 "
+            "text; save the file as UTF-8"
+        ) from None
+
+
+def _read_records(
+    path: str | Path, source: str
+) -> tuple[list[str], list[int], list[list[str]], int]:
+    """Header and data records of the table; returns (header, 0-based row numbers, records,
+    number of comment records skipped)."""
+    try:
+        records = _split_records(_decode(Path(path).read_bytes(), source))
     except FileNotFoundError:
         raise DataValidationError(f"{source}: file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except (OSError, csv.Error) as exc:
         raise DataValidationError(f"{source}: cannot read the file: {exc}") from None
     if not records or not any(h.strip() for h in records[0]):
         raise DataValidationError(f"{source}: row 0, column ID: the file has no header line")
@@ -125,11 +183,21 @@ def _read_records(path: str | Path, source: str) -> tuple[list[str], list[int], 
     while not header[-1]:
         header.pop()  # trailing separators after the last column name
     width = len(header)
+    upper = [h.upper() for h in header]
+    comment_col = upper.index(COMMENT_COLUMN) if COMMENT_COLUMN in upper else None
     index: list[int] = []
     rows: list[list[str]] = []
+    n_comments = 0
     for row0, rec in enumerate(records[1:]):
-        if not rec:
+        if not rec or not any(f.strip() for f in rec):
             continue  # an empty line
+        if rec[0].lstrip().startswith("#") or (
+            comment_col is not None
+            and comment_col < len(rec)
+            and rec[comment_col].strip().lower() not in ("", ".")
+        ):
+            n_comments += 1
+            continue
         if len(rec) > width and any(f.strip() for f in rec[width:]):
             raise DataValidationError(
                 f"{source}: row {row0 + 1}, column {width + 1}: the row has {len(rec)} fields "
@@ -140,9 +208,15 @@ def _read_records(path: str | Path, source: str) -> tuple[list[str], list[int], 
                 f"{source}: row {row0 + 1}, column {header[len(rec)]}: the row has {len(rec)} "
                 f"fields but the header has {width} columns"
             )
+        for pos, value in enumerate(rec[:width]):
+            if "\x00" in value:
+                raise DataValidationError(
+                    f"{source}: row {row0 + 1}, column {header[pos]}: the field holds a NUL "
+                    "byte (a binary file, or text not in UTF-8?)"
+                )
         index.append(row0)
         rows.append(rec[:width])
-    return header, index, rows
+    return header, index, rows, n_comments
 
 
 def _canonical_columns(header: list[str], report: _Reporter) -> list[str]:
@@ -198,6 +272,11 @@ def _check_covariates(
             raise report.error(
                 0, upper, f"{report.columns[upper]} is an event column and cannot be a covariate"
             )
+        if upper == COMMENT_COLUMN:
+            raise report.error(
+                0, upper, f"column {report.columns[upper]} marks comment records (NONMEM's "
+                "IGNORE=C) and cannot be a covariate; rename it"
+            )
         if upper not in names:
             names.append(upper)
     return names
@@ -214,6 +293,11 @@ def _parse_numeric(raw: pd.Series, column: str, report: _Reporter) -> pd.Series:
     values = pd.to_numeric(raw.where(~missing), errors="coerce").astype("float64")
     bad = ~missing & ~np.isfinite(values)
     report.first(bad, column, lambda r: f"expected a number, got {raw[r]!r}")
+    report.first(
+        values.abs() > MAX_MAGNITUDE, column,
+        lambda r: f"{raw[r]} is out of range: numbers must be at most {MAX_MAGNITUDE:.0e} in "
+        "absolute value; rescale the column's units",
+    )
     return values
 
 
@@ -383,14 +467,15 @@ def read_event_table(path: str | Path, covariates: Sequence[str] = ()) -> EventT
         DataValidationError: the first problem found, naming file, row and column.
     """
     source = str(path)
-    header, index, rows = _read_records(path, source)
+    header, index, rows, n_comments = _read_records(path, source)
     report = _Reporter(source)
     canonical = _canonical_columns(header, report)
     report.columns = dict(zip(canonical, header, strict=True))
     _check_columns(canonical, header, report)
     covs = _check_covariates(covariates, canonical, header, report)
     if not rows:
-        raise report.error(1, "ID", "the table has no data rows")
+        skipped = f" ({n_comments} comment records skipped)" if n_comments else ""
+        raise report.error(1, "ID", f"the table has no data rows{skipped}")
 
     raw = pd.DataFrame(rows, columns=canonical, index=pd.Index(index, dtype="int64"))
     raw = raw.apply(lambda s: s.str.strip())
@@ -423,4 +508,5 @@ def read_event_table(path: str | Path, covariates: Sequence[str] = ()) -> EventT
         n_doses=int(dose.sum()),
         n_resets=int(reset.sum()),
         n_other=int((~obs & ~dose & ~reset).sum()),
+        n_comments=n_comments,
     )

@@ -6,6 +6,7 @@ predictive checks.
 
 from deepnlme.diagnostics.ebes import ebe_table
 from deepnlme.diagnostics.estimates import (
+    covariance_step,
     estimates_table,
     omega_blocks,
     param_values,
@@ -27,6 +28,7 @@ from deepnlme.diagnostics.vpc import save_vpc, vpc_coverage, vpc_figure, vpc_sta
 __all__ = [
     "Evaluation",
     "Predictions",
+    "covariance_step",
     "ebe_table",
     "estimates_table",
     "evaluate",

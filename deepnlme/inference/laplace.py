@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
+from deepnlme.inference.feasibility import INFEASIBLE_LOSS
 from deepnlme.inference.inner import (
     InnerOptions,
     InnerResult,
@@ -28,10 +29,6 @@ from deepnlme.inference.inner import (
 from deepnlme.inference.joint import NegLogJoint
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import LOG_2PI
-
-#: Objective reported where the Laplace objective is not finite: far above any real value
-#: yet finite, so that cubic interpolation in a line search stays finite too.
-INFEASIBLE_LOSS = 1e15
 
 
 class LaplaceEstimator:

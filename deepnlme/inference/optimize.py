@@ -2,10 +2,17 @@
 
 The same pieces serve the Lightning training loop (one L-BFGS ``step`` per epoch) and plain
 scripts/tests (:func:`fit` runs to convergence directly).
+
+Convergence (one rule for both): a fit is converged only when its objective is finite (not the
+:data:`~deepnlme.inference.feasibility.INFEASIBLE_LOSS` barrier), the largest gradient entry is
+below ``converged_gtol``, and it stopped for a reason of its own (gradient below ``gtol``, or
+no progress) rather than a budget (``max_iter``, ``max_epochs``). A fit does not start where the
+objective is not finite or there is nothing to fit (:func:`check_start`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -13,6 +20,16 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
+from deepnlme.inference.feasibility import ObjectiveError, feasible, starting_problem
+
+#: Stop reasons (``ConvergenceMonitor.stop_reason``, ``FitResult.stop_reason``).
+STOP_GRADIENT = "gradient below gtol"
+STOP_NO_PROGRESS = "no progress"
+STOP_MAX_ITER = "max_iter reached"
+STOP_MAX_EPOCHS = "max_epochs reached"
+STOP_NOT_FINITE = "non-finite loss"
+#: Stops that end a fit at a point where the convergence criterion may hold.
+OWN_STOPS = (STOP_GRADIENT, STOP_NO_PROGRESS)
 
 
 @dataclass
@@ -29,12 +46,62 @@ class OuterOptions:
 
 @dataclass
 class FitResult:
-    loss: float
+    loss: float  # objective at the end (inf where it is not finite)
     n_iter: int
     n_evals: int
     grad_max: float
-    converged: bool
+    converged: bool  # see :func:`is_converged`
     seconds: float
+    stop_reason: str = ""
+
+
+def is_converged(loss: float, grad_max: float, converged_gtol: float, stop_reason: str) -> bool:
+    """The convergence rule: finite objective, max |gradient| < ``converged_gtol`` and a stop
+    of the optimizer's own (not ``max_iter``/``max_epochs``, not a non-finite objective)."""
+    return (
+        feasible(loss)
+        and math.isfinite(grad_max)
+        and grad_max < converged_gtol
+        and stop_reason in OWN_STOPS
+    )
+
+
+def stop_reason(
+    loss: float, grad_max: float, gtol: float, n_iter: int, max_iter: int, stopped_itself: bool
+) -> str:
+    """Why an L-BFGS run ends here ("" when it should go on): a non-finite objective, the
+    gradient below ``gtol``, ``max_iter`` iterations in all, or L-BFGS stopping on its own
+    (``stopped_itself``: its tolerance on the change of loss or parameters fired)."""
+    if not feasible(loss):
+        return STOP_NOT_FINITE
+    if grad_max < gtol:
+        return STOP_GRADIENT
+    if n_iter >= max_iter:
+        return STOP_MAX_ITER
+    if stopped_itself:
+        return STOP_NO_PROGRESS
+    return ""
+
+
+def convergence_warning(
+    converged: bool, stop_reason: str, grad_max: float, converged_gtol: float
+) -> str | None:
+    """One line for the log and results.json when a fit is not converged (else None)."""
+    if converged:
+        return None
+    return (
+        f"the fit did not converge: it stopped with {stop_reason or 'no stop reason'}, max "
+        f"|gradient| {grad_max:.3g} (converged needs a finite objective, max |gradient| < "
+        f"{converged_gtol:g} and a stop of the optimizer's own); the estimates are not an optimum"
+    )
+
+
+def check_start(estimator, pop: Population) -> None:
+    """Raise :class:`ObjectiveError` (one line) when a fit cannot start on ``pop`` at the
+    current parameters: no observations, or an objective that is not finite."""
+    problem = starting_problem(estimator, pop)
+    if problem is not None:
+        raise ObjectiveError(problem)
 
 
 def trainable(module: torch.nn.Module) -> list[Tensor]:
@@ -78,7 +145,8 @@ def lbfgs_evaluations(optimizer: torch.optim.LBFGS) -> int:
 
 def objective_and_gradient(estimator, pop: Population) -> tuple[float, float, float]:
     """``(loss, loglik, max |∂loss/∂raw|)`` at the current parameters (fills ``.grad``);
-    ``loglik`` is the objective without the log prior of the fixed effects."""
+    ``loglik`` is the objective without the log prior of the fixed effects. Where the objective
+    is not finite (or the estimator's barrier), ``loss`` is inf and ``loglik`` NaN."""
     model = estimator.model
     params = trainable(model)
     with torch.enable_grad():
@@ -87,12 +155,19 @@ def objective_and_gradient(estimator, pop: Population) -> tuple[float, float, fl
         loss = estimator.loss(pop)
         loss.backward()
     value = float(loss.detach())
+    if not feasible(value):
+        return math.inf, math.nan, grad_max(params)
     return value, -value - float(model.log_prior().detach()), grad_max(params)
 
 
 def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitResult:
-    """Maximize the estimator's objective over the model's trainable parameters."""
+    """Maximize the estimator's objective over the model's trainable parameters.
+
+    Raises:
+        ObjectiveError: nothing to fit, or the objective is not finite at the start.
+    """
     opts = options or OuterOptions()
+    check_start(estimator, pop)
     params = trainable(estimator.model)
     optimizer = make_lbfgs(params, opts)
     n_evals = 0
@@ -108,8 +183,12 @@ def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitR
     start = time.perf_counter()
     optimizer.step(closure)
     seconds = time.perf_counter() - start
-    loss = closure()
+    value = float(closure().detach())
+    value = value if feasible(value) else math.inf
     g = grad_max(params)
-    return FitResult(
-        loss.item(), lbfgs_iterations(optimizer), n_evals, g, g < opts.converged_gtol, seconds
-    )
+    n_iter = lbfgs_iterations(optimizer)
+    # L-BFGS also stops when its evaluation budget (1.25 per iteration) is spent: a budget too.
+    own = lbfgs_evaluations(optimizer) < optimizer.param_groups[0]["max_eval"]
+    reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, own) or STOP_MAX_ITER
+    converged = is_converged(value, g, opts.converged_gtol, reason)
+    return FitResult(value, n_iter, n_evals, g, converged, seconds, reason)

@@ -9,6 +9,7 @@ through each parameter's domain transform: ``Cov(value) = J Cov(raw) Jᵀ``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,16 @@ from torch import Tensor
 
 from deepnlme.data.population import Population
 from deepnlme.model.base import NLMEModel
+from deepnlme.model.domains import Domain, Real
+
+#: Condition number of the estimates' correlation matrix above which a warning is given
+#: (NONMEM's rule of thumb: above 1000 the estimates are ill-conditioned).
+MAX_CONDITION_NUMBER = 1e3
+#: Relative standard error (SE / |estimate|) above which a warning is given.
+MAX_RELATIVE_SE = 1.0
+#: |raw value| beyond which a constrained parameter is reported at a boundary of its domain:
+#: a log-scale value beyond 1e±8, a logit-scale value within 1e-8 of a bound.
+BOUNDARY_RAW = math.log(1e8)
 
 
 @dataclass
@@ -26,6 +37,7 @@ class ParameterCovariance:
     raw_covariance: Tensor  # (P, P) inverse Hessian of the objective in the raw parameters
     se: dict[str, Tensor | None]  # natural-scale SE, shaped like each value; None when fixed
     min_eigenvalue: float  # of the Hessian: <= 0 means the fit is not at a strict minimum
+    condition_number: float = math.nan  # of the raw estimates' correlation matrix (inf: not PD)
 
 
 class _RawEntries:
@@ -109,8 +121,12 @@ def parameter_covariance(estimator, pop: Population, step: float = 1e-4) -> Para
     names = [name for name, i in zip(free, positions, strict=True) for _ in range(i.numel())]
     hess = objective_hessian(estimator, pop, entries, step)
     evals = torch.linalg.eigvalsh(hess)
+    condition = math.inf
     if bool(evals.min() > 0):
         raw_cov = torch.cholesky_inverse(torch.linalg.cholesky(hess))
+        scale = raw_cov.diagonal().rsqrt()
+        corr_evals = torch.linalg.eigvalsh(scale[:, None] * raw_cov * scale[None, :])
+        condition = float(corr_evals.max() / corr_evals.min())
     else:
         raw_cov = torch.full_like(hess, float("nan"))
     se: dict[str, Tensor | None] = {name: None for name in declared}
@@ -122,4 +138,65 @@ def parameter_covariance(estimator, pop: Population, step: float = 1e-4) -> Para
         var = torch.einsum("ij,jk,ik->i", jac, block, jac)
         se[name] = var.clamp(min=0).sqrt().reshape(p.value().shape).detach()
         start += n
-    return ParameterCovariance(names, raw_cov, se, float(evals.min()))
+    return ParameterCovariance(names, raw_cov, se, float(evals.min()), condition)
+
+
+def _num(value: float) -> str:
+    return format(float(value), ".3g")
+
+
+def boundary_warnings(model: NLMEModel) -> list[str]:
+    """Free constrained parameters whose raw value has run beyond ±:data:`BOUNDARY_RAW`
+    (estimates running off to a boundary of their domain: 0, infinity or a bound)."""
+    out = []
+    for name, p in model.declared().items():
+        if p.fixed or type(p.domain) in (Domain, Real):
+            continue
+        raw = p.raw.detach()
+        if bool((raw.abs() > BOUNDARY_RAW).any()):
+            value = p.value().detach()
+            shown = _num(value) if value.numel() == 1 else [_num(v) for v in value.reshape(-1)]
+            out.append(
+                f"{name} = {shown} has run off to a boundary of its domain "
+                f"({p.domain.describe()}): the data may not determine it; fix it or simplify "
+                "the model"
+            )
+    return out
+
+
+def identifiability_warnings(
+    model: NLMEModel, cov: ParameterCovariance | None = None
+) -> list[str]:
+    """Signs that the estimates are not identified: parameters at a boundary, and (from the
+    covariance step ``cov`` when given) a Hessian that is not positive definite, a condition
+    number above :data:`MAX_CONDITION_NUMBER`, or relative SEs above :data:`MAX_RELATIVE_SE`."""
+    out = boundary_warnings(model)
+    if cov is None:
+        return out
+    if not cov.min_eigenvalue > 0:
+        out.append(
+            "covariance step: the Hessian of the objective is not positive definite (smallest "
+            f"eigenvalue {_num(cov.min_eigenvalue)}): the estimates are not at a strict minimum "
+            "and have no standard errors"
+        )
+        return out
+    if cov.condition_number > MAX_CONDITION_NUMBER:
+        out.append(
+            f"covariance step: condition number {_num(cov.condition_number)} of the estimates' "
+            f"correlation matrix (above {MAX_CONDITION_NUMBER:.0f}): some parameters are "
+            "nearly confounded"
+        )
+    values = model.param_values()
+    for name, se in cov.se.items():
+        if se is None:
+            continue
+        value = values[name].detach().reshape(-1)
+        rse = se.reshape(-1) / value.abs()
+        worst = rse.nan_to_num(nan=0.0).argmax()  # entries at 0 (off-diagonals) have none
+        if float(value[worst]) != 0 and float(rse[worst]) > MAX_RELATIVE_SE:
+            out.append(
+                f"covariance step: {name} = {_num(value[worst])} has standard error "
+                f"{_num(se.reshape(-1)[worst])} ({_num(100 * rse[worst])}% of the estimate): "
+                "the data hardly determine it"
+            )
+    return out

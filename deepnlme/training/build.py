@@ -190,6 +190,30 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
+#: How to get a CUDA build of the pinned PyTorch (README, section on GPUs).
+CUDA_INSTALL = (
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/<CUDA tag, e.g. "
+    "cu128> (the tag for your driver: https://pytorch.org/get-started/locally/)"
+)
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Raise :class:`SetupError` when ``accelerator`` asks for a GPU that PyTorch cannot use:
+    a CPU-only build (``torch.version.cuda`` is None), or no GPU visible to a CUDA build."""
+    if str(accelerator).lower() not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        raise SetupError(
+            f"trainer=gpu needs a CUDA build of PyTorch, and this one ({torch.__version__}) is "
+            f"CPU-only; install one with: {CUDA_INSTALL}; or run on the CPU (trainer=default)"
+        )
+    raise SetupError(
+        f"trainer=gpu: PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
+        "check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or run on the CPU "
+        "(trainer=default)"
+    )
+
+
 def build_trainer(
     trainer_cfg: DictConfig | Mapping, output_dir: str | Path, callbacks: list
 ) -> pl.Trainer:
@@ -208,6 +232,7 @@ def build_trainer(
     config = plain(trainer_cfg)
     # One file named "last", kept and overwritten each epoch (no monitored metric: top-1 is the
     # newest). save_last=True with save_top_k=0 would write it only when the fit ends.
+    check_accelerator(config.get("accelerator"))
     checkpoints = ModelCheckpoint(
         dirpath=Path(output_dir) / "checkpoints",
         filename=LAST_CHECKPOINT,

@@ -10,21 +10,30 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from deepnlme.inference.optimize import (
+    STOP_MAX_EPOCHS,
+    check_start,
+    is_converged,
     lbfgs_evaluations,
     lbfgs_iterations,
     objective_and_gradient,
+    stop_reason,
 )
 
 
 class ConvergenceMonitor(Callback):
-    """After each epoch's L-BFGS step: evaluate, log, and stop the fit when done.
+    """Before the first step: check that the fit can start; after each epoch's L-BFGS step:
+    evaluate, log, and stop the fit when done.
 
-    Stops when the loss is not finite, when max |gradient| < ``gtol``, when L-BFGS stopped on
-    its own within the step (fewer iterations and evaluations than the step allows: its
-    tolerance on the change of loss or parameters fired; "no progress"), or after ``max_iter``
-    iterations in all. So a fit split into epochs ends where one long L-BFGS run would.
-    Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``, ``converged`` (max |gradient| <
-    ``converged_gtol``) and ``stop_reason``; its state is saved in checkpoints.
+    The first batch of a fit (or of a resumed fit) must have observations and a finite
+    objective, else :class:`~deepnlme.inference.feasibility.ObjectiveError` (one line naming
+    the cause) ends the run. Stops when the loss is not finite, when max |gradient| < ``gtol``,
+    after ``max_iter`` iterations in all, or when L-BFGS stopped on its own within the step
+    (fewer iterations and evaluations than the step allows: its tolerance on the change of loss
+    or parameters fired; "no progress"). So a fit split into epochs ends where one long L-BFGS
+    run would. Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``, ``stop_reason`` and
+    ``converged`` (:func:`~deepnlme.inference.optimize.is_converged`: a finite objective,
+    max |gradient| < ``converged_gtol``, and a stop of the optimizer's own; never after
+    ``max_iter`` or ``max_epochs``); its state is saved in checkpoints.
     """
 
     def __init__(self, gtol: float, converged_gtol: float, max_iter: int) -> None:
@@ -38,6 +47,14 @@ class ConvergenceMonitor(Callback):
         self.loglik = -math.inf
         self.converged = False
         self.stop_reason = ""
+        self._checked = False
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx
+    ) -> None:
+        if not self._checked:
+            check_start(pl_module.estimator, batch)
+            self._checked = True
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
@@ -50,7 +67,6 @@ class ConvergenceMonitor(Callback):
         )
         self.n_iter, self.n_evals = n_iter, n_evals
         self.loss, self.loglik, self.grad_max = objective_and_gradient(pl_module.estimator, batch)
-        self.converged = self.grad_max < self.converged_gtol
         pl_module.log_dict(
             {"loss": self.loss, "loglik": self.loglik, "grad_max": self.grad_max},
             prog_bar=True,
@@ -59,22 +75,19 @@ class ConvergenceMonitor(Callback):
             batch_size=1,
         )
         pl_module.log("n_iter", float(n_iter), on_step=True, on_epoch=False, batch_size=1)
-        if not math.isfinite(self.loss):
-            self.stop_reason = "non-finite loss"
-        elif self.grad_max < self.gtol:
-            self.stop_reason = "gradient below gtol"
-        elif stopped_itself:
-            self.stop_reason = "no progress"
-        elif n_iter >= self.max_iter:
-            self.stop_reason = "max_iter reached"
-        else:
-            self.stop_reason = ""
-            return
-        trainer.should_stop = True
+        self.stop_reason = stop_reason(
+            self.loss, self.grad_max, self.gtol, n_iter, self.max_iter, stopped_itself
+        )
+        self.converged = is_converged(
+            self.loss, self.grad_max, self.converged_gtol, self.stop_reason
+        )
+        if self.stop_reason:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.stop_reason:
-            self.stop_reason = "max_epochs reached"
+            self.stop_reason = STOP_MAX_EPOCHS
+            self.converged = False
 
     def summary(self) -> dict[str, Any]:
         """``converged, n_iter, grad_max, stop_reason`` for results.json."""

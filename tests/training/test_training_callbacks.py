@@ -41,9 +41,12 @@ def rosenbrock(x):
     return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
 
 
-def run(objective, max_iter: int = 500, per_epoch: int = 20, max_epochs: int = 100):
+def run(
+    objective, max_iter: int = 500, per_epoch: int = 20, max_epochs: int = 100,
+    converged_gtol: float = 1e-3,
+):
     estimator = ToyEstimator(objective)
-    outer = OuterOptions(max_iter=max_iter, gtol=1e-8)
+    outer = OuterOptions(max_iter=max_iter, gtol=1e-8, converged_gtol=converged_gtol)
     monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
     timer = FitTimer()
     trainer = pl.Trainer(
@@ -71,6 +74,14 @@ def test_stops_at_max_iter_without_convergence():
     assert monitor.stop_reason == "max_iter reached"
     assert monitor.n_iter >= 8
     assert not monitor.converged
+
+
+def test_a_budget_is_never_converged_even_below_converged_gtol():
+    _, monitor, _, _ = run(rosenbrock, max_iter=8, per_epoch=4, converged_gtol=1e9)
+    assert monitor.stop_reason == "max_iter reached" and monitor.grad_max < 1e9
+    assert not monitor.converged and monitor.summary()["converged"] is False
+    _, monitor, _, _ = run(rosenbrock, per_epoch=4, max_epochs=2, converged_gtol=1e9)
+    assert monitor.stop_reason == "max_epochs reached" and not monitor.converged
 
 
 def test_max_epochs_is_reported():
