@@ -22,6 +22,7 @@ from deepnlme.training import (
     ConvergenceMonitor,
     FitTimer,
     NLMEFitModule,
+    ParameterTrace,
     PopulationDataModule,
     build,
 )
@@ -33,6 +34,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     """Fit, evaluate and write the run's outputs to ``output_dir``; returns results.json."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     build.set_threads(cfg)
+    options = build.diagnostic_options(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
     fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
     model, model_args = build.build_model(cfg.model, dtype)
@@ -45,8 +47,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     metadata = checkpoint_metadata(config, fit_pop.covariate_names, dtype, names)
     module = NLMEFitModule(estimator, outer, iterations_per_epoch, metadata)
     monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
-    timer = FitTimer()
-    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer])
+    timer, trace = FitTimer(), ParameterTrace()
+    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer, trace])
     trainer.fit(
         module,
         datamodule=PopulationDataModule(fit_pop, dtype),
@@ -65,17 +67,10 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "fit_seconds": timer.seconds,
         **diagnostics.parameter_summary(model),
     }
-    se = None
-    if cfg.get("se", True):
-        se = diagnostics.standard_errors(estimator, fit_pop)
-        if se is None:
-            log.info("no standard errors: the model has parameters besides θ, Ω and σ")
-        else:
-            results["se"] = se
     if heldout_pop is not None:
         results["heldout"] = evaluations[1].metrics()
-    diagnostics.write_results(output_dir / "results.json", results)
-    diagnostics.write_tables(output_dir, evaluations, model, se=se)
+    se = bool(cfg.get("se", True))
+    diagnostics.write_all(output_dir, estimator, evaluations, results, options, se, trace.table())
     log.info(
         "loglik %.4f  ofv %.4f  converged %s (%d iterations, %.1f s)  -> %s",
         results["loglik"], results["ofv"], results["converged"], results["n_iter"],

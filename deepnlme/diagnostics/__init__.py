@@ -1,7 +1,8 @@
 """Diagnostics: pure functions of a model, an estimator and a population (no Lightning).
 
 EBEs, PRED/IPRED/IWRES, held-out metrics, parameter summaries, tables and plots, visual
-predictive checks.
+predictive checks; the covariance step, parameter table, CWRES/NPDE, shrinkage, the reviewer's
+plot set and report.md (:func:`write_all`).
 """
 
 from deepnlme.diagnostics.ebes import ebe_table
@@ -23,8 +24,10 @@ from deepnlme.diagnostics.report import (
 )
 from deepnlme.diagnostics.simulation import sample_eta, simulate
 from deepnlme.diagnostics.vpc import save_vpc, vpc_coverage, vpc_figure, vpc_statistics
+from deepnlme.diagnostics.write import DiagnosticOptions, write_all
 
 __all__ = [
+    "DiagnosticOptions",
     "Evaluation",
     "Predictions",
     "ebe_table",
@@ -47,6 +50,7 @@ __all__ = [
     "vpc_coverage",
     "vpc_figure",
     "vpc_statistics",
+    "write_all",
     "write_results",
     "write_tables",
 ]

@@ -5,6 +5,8 @@ Within each stratum, CMT and bin, each observed and simulated DV is multiplied b
 median(PRED in the bin) / PRED of its observation (PRED: the population prediction, η = 0), so
 that observations with different doses, covariates or times within a bin become comparable;
 then the percentiles are compared as in :func:`~deepnlme.diagnostics.vpc.vpc_statistics`.
+Observations whose PRED is not positive (e.g. at the time of an oral dose) cannot be corrected
+and are left out of the percentiles.
 """
 
 from __future__ import annotations
@@ -80,8 +82,7 @@ def pcvpc_statistics(
         which = assign_bins(x, edges)
         pred = obs["PRED"].to_numpy(dtype=float)
         median = pd.Series(pred).groupby(which).median()
-        factor = median.reindex(which).to_numpy() / pred
-        factor = np.where(np.isfinite(factor), factor, np.nan)
+        factor = _correction(median.reindex(which).to_numpy(), pred)
         obs_pc = pd.DataFrame({"TIME": x, "DV": obs["DV"].to_numpy() * factor, "CMT": cmt})
         sim = simulated[:, rows] * factor[None, :]
         sim_pc = pd.DataFrame(
@@ -172,4 +173,12 @@ def _corrected(obs: pd.DataFrame, part: pd.DataFrame) -> pd.DataFrame:
     which = assign_bins(x, edges)
     pred = obs["PRED"].to_numpy(dtype=float)
     median = pd.Series(pred).groupby(which).median().reindex(which).to_numpy()
-    return pd.DataFrame({"TIME": x, "DV": obs["DV"].to_numpy() * median / pred})
+    return pd.DataFrame({"TIME": x, "DV": obs["DV"].to_numpy() * _correction(median, pred)})
+
+
+def _correction(median: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """median(PRED in bin) / PRED per observation; NaN where PRED is not positive (e.g.
+    before absorption): such observations cannot be corrected and are left out."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = median / pred
+    return np.where((pred > 0) & np.isfinite(factor), factor, np.nan)

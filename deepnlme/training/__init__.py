@@ -5,7 +5,12 @@ Config-driven construction (Hydra) is in :mod:`deepnlme.training.build`.
 """
 
 from deepnlme.inference.optimize import objective_and_gradient
-from deepnlme.training.callbacks import ConvergenceMonitor, FitProgressBar, FitTimer
+from deepnlme.training.callbacks import (
+    ConvergenceMonitor,
+    FitProgressBar,
+    FitTimer,
+    ParameterTrace,
+)
 from deepnlme.training.datamodule import PopulationDataModule
 from deepnlme.training.module import NLMEFitModule
 
@@ -14,6 +19,7 @@ __all__ = [
     "FitProgressBar",
     "FitTimer",
     "NLMEFitModule",
+    "ParameterTrace",
     "PopulationDataModule",
     "objective_and_gradient",
 ]

@@ -30,6 +30,7 @@ from deepnlme.data.errors import DataValidationError
 from deepnlme.data.population import Population
 from deepnlme.data.sources import load_from_config
 from deepnlme.data.split import split_heldout
+from deepnlme.diagnostics.write import DiagnosticOptions
 from deepnlme.fitted import check_model_data, default_dtype, import_object
 from deepnlme.inference.optimize import OuterOptions
 from deepnlme.model.base import NLMEModel
@@ -235,6 +236,14 @@ def _model_choice() -> str | None:
     if any(o.lstrip("+~").startswith("model._target_=") for o in hydra_cfg.overrides.task):
         return None
     return hydra_cfg.runtime.choices.get("model")
+
+
+def diagnostic_options(cfg: DictConfig | Mapping) -> DiagnosticOptions:
+    """The ``diagnostics`` options of a command's config, checked (a bad value: SetupError)."""
+    try:
+        return DiagnosticOptions.from_mapping(plain(cfg.get("diagnostics") or {}))
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
 
 
 def set_threads(cfg: DictConfig | Mapping) -> None:

@@ -14,6 +14,7 @@ from deepnlme.inference.optimize import (
     lbfgs_iterations,
     objective_and_gradient,
 )
+from deepnlme.model.params import RandomEffects
 
 
 class ConvergenceMonitor(Callback):
@@ -138,13 +139,14 @@ class ParameterTrace(Callback):
         if not math.isfinite(value) or value >= self.max_objective:
             return
         record = {"iteration": float(lbfgs_iterations(trainer.optimizers[0])), "objective": value}
+        # "objective": the fit's loss (-log likelihood - log prior)
         for name, p in pl_module.estimator.model.declared().items():
             flat = p.value().detach().reshape(-1).cpu().tolist()
             if len(flat) == 1:
                 record[name] = flat[0]
-            elif p.value().dim() == 2 and p.value().shape[0] == p.value().shape[1]:
-                k = p.value().shape[0]
-                record.update({f"{name}[{i},{i}]": flat[i * k + i] for i in range(k)})
+            elif isinstance(p, RandomEffects):  # the variances, by η name
+                k = p.k
+                record.update({f"{name}[{n},{n}]": flat[i * k + i] for i, n in enumerate(p.names)})
             else:
                 record.update({f"{name}[{i}]": v for i, v in enumerate(flat)})
         self.records.append(record)
