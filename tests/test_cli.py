@@ -123,11 +123,13 @@ def test_theophylline_laplace_results(theo_run):
 @pytest.mark.slow
 def test_theophylline_run_directory(theo_run):
     run_dir, _ = theo_run
-    for name in ("estimates.csv", "predictions.csv", "ebes.csv", "gof.png", ".hydra/config.yaml"):
+    for name in ("estimates.csv", "predictions.csv", "ebes.csv", "gof.png", ".hydra/config.yaml",
+                 "parameters.csv", "shrinkage.csv", "report.md", "convergence.png", "pcvpc.png"):
         assert (run_dir / name).exists(), name
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert list(predictions.columns) == [
-        "ID", "TIME", "DV", "PRED", "IPRED", "IWRES", "CMT", "split"
+        "ID", "TIME", "TAD", "DV", "PRED", "IPRED", "IWRES", "CPRED", "CWRES", "CIWRES", "NPD",
+        "NPDE", "CMT", "split"
     ]
     assert len(predictions) == 132 and set(predictions["split"]) == {"fit"}
     ebes = pd.read_csv(run_dir / "ebes.csv")

@@ -195,18 +195,27 @@ def eta_covariate_figure(ebes: pd.DataFrame, eta_names: list[str], covariates: p
 
 
 def individual_figures(
-    table: pd.DataFrame, curves: pd.DataFrame | None = None, per_page: int = 12
+    table: pd.DataFrame,
+    curves: pd.DataFrame | None = None,
+    per_page: int = 12,
+    max_pages: int | None = None,
 ) -> list[Figure]:
-    """Individual fits, ``per_page`` subjects a page: observations (points), IPRED (solid)
-    and PRED (dashed). ``curves`` (ID, TIME, IPRED, PRED on a fine time grid) draws smooth
-    lines; without it lines join the observation times."""
+    """Individual fits, ``per_page`` subjects a page (at most ``max_pages`` pages, the first
+    subjects): observations (points), IPRED (solid) and PRED (dashed). ``curves`` (ID, TIME,
+    IPRED, PRED on a fine time grid) draws smooth lines; without it lines join the
+    observation times."""
     ids = list(dict.fromkeys(table["ID"]))
+    if max_pages is not None:
+        ids = ids[: per_page * max_pages]
     figures = []
     for start in range(0, len(ids), per_page):
         page = ids[start : start + per_page]
         ncol = min(4, len(page))
         nrow = -(-len(page) // ncol)
-        fig = Figure(figsize=(3.4 * ncol, 2.8 * nrow), layout="constrained")
+        # fixed margins: a constrained layout of many panels costs seconds per page
+        fig = Figure(figsize=(3.4 * ncol, 2.6 * nrow + 0.6))
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / (2.6 * nrow + 0.6) + 0.04,
+                            top=1 - 0.1 / nrow, wspace=0.25, hspace=0.45)
         axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
         for ax, sid in zip(axes, page, strict=False):
             obs = table[table["ID"] == sid]
@@ -233,7 +242,9 @@ def convergence_figure(trace: pd.DataFrame) -> Figure:
     columns = [c for c in trace.columns if c != "iteration"]
     ncol = min(4, len(columns))
     nrow = -(-len(columns) // ncol)
-    fig = Figure(figsize=(3.4 * ncol, 2.6 * nrow), layout="constrained")
+    fig = Figure(figsize=(3.4 * ncol, 2.6 * nrow + 0.7))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.6 / (2.6 * nrow + 0.7) + 0.03,
+                        top=1 - 0.45 / (2.6 * nrow + 0.7) - 0.05, wspace=0.35, hspace=0.45)
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     for ax, column in zip(axes, columns, strict=False):
         ax.plot(trace["iteration"], trace[column], marker="o", markersize=2.5, linewidth=1.2)

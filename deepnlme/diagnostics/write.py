@@ -72,6 +72,7 @@ class DiagnosticOptions:
     vpc_x: str = "TAD"  # pcVPC binning variable: TAD (time after dose) or TIME
     stratify: str | None = None  # covariate whose values (or halves) stratify the pcVPC
     per_page: int = 12  # subjects per individual-fit page
+    max_pages: int = 4  # individual-fit pages (the first per_page * max_pages subjects)
     plots: bool = True  # write the PNGs (and report.md)
 
     @classmethod
@@ -86,6 +87,7 @@ class DiagnosticOptions:
             options = cls(**config)
             options.n_sim, options.seed = int(options.n_sim), int(options.seed)
             options.vpc_bins, options.per_page = int(options.vpc_bins), int(options.per_page)
+            options.max_pages = int(options.max_pages)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"diagnostics options: {exc}") from exc
         if options.covariance not in METHODS:
@@ -95,10 +97,10 @@ class DiagnosticOptions:
             )
         if options.vpc_x not in ("TAD", "TIME"):
             raise ValueError(f"diagnostics.vpc_x must be TAD or TIME (got {options.vpc_x!r})")
-        if options.n_sim < 0 or options.vpc_bins < 1 or options.per_page < 1:
+        if options.n_sim < 0 or min(options.vpc_bins, options.per_page, options.max_pages) < 1:
             raise ValueError(
-                "diagnostics.n_sim must be >= 0, vpc_bins and per_page >= 1 (got "
-                f"{options.n_sim}, {options.vpc_bins}, {options.per_page})"
+                "diagnostics.n_sim must be >= 0, vpc_bins, per_page and max_pages >= 1 (got "
+                f"{options.n_sim}, {options.vpc_bins}, {options.per_page}, {options.max_pages})"
             )
         return options
 
@@ -275,8 +277,10 @@ def _write_plots(
         )
         save("Random effects", "eta_covariates.png",
              eta_covariate_figure(evaluation.ebes, model.eta_names, covariates))
-    curves = individual_curves(model, pop, evaluation.eta)
-    for page, fig in enumerate(individual_figures(table, curves, options.per_page), start=1):
+    shown = min(len(pop), options.per_page * options.max_pages)
+    curves = individual_curves(model, pop.subset(list(range(shown))), evaluation.eta[:shown])
+    pages = individual_figures(table, curves, options.per_page, options.max_pages)
+    for page, fig in enumerate(pages, start=1):
         save("Individual fits", f"individual_{page:02d}.png", fig)
     if diag.simulated is not None:
         observed = pcvpc_table(pop, evaluation.predictions.pred, options.vpc_x, options.stratify)
