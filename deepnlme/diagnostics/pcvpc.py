@@ -162,7 +162,8 @@ def pcvpc_figure(
         ax.set(xlabel=x_label, ylabel="prediction-corrected DV", title=title)
     for ax in axes[len(groups):]:
         ax.set_axis_off()
-    axes[0].legend(handles=vpc_legend(qs, central, interval), fontsize="small", loc="best")
+    fig.legend(handles=vpc_legend(qs, central, interval), fontsize="small",
+               loc="outside lower center", ncol=3 if ncol > 1 else 2)
     return fig
 
 

@@ -42,6 +42,8 @@ def key_figures(results: Mapping[str, Any], step: CovarianceStep | None) -> list
             f"covariance step ({method}): {step.status}; condition number "
             f"{_fmt(step.condition_number, '.4g')}"
         )
+    if "diagnostics_seconds" in results:
+        lines.append(f"diagnostics written in {results['diagnostics_seconds']:.1f} s")
     if "npde" in results:
         n = results["npde"]
         lines.append(

@@ -145,7 +145,8 @@ def vpc_figure(
         draw_vpc_panel(ax, obs, part, central, log_y)
         title = "VPC" if len(cmts) == 1 else f"VPC, CMT {cmt}"
         ax.set(xlabel="TIME", ylabel="DV", title=title)
-    axes[0].legend(handles=vpc_legend(qs, central, interval), fontsize="small", loc="best")
+    fig.legend(handles=vpc_legend(qs, central, interval), fontsize="small",
+               loc="outside lower center", ncol=3 if len(cmts) > 1 else 2)
     return fig
 
 
@@ -196,9 +197,9 @@ def vpc_legend(qs: list[float], central: float, interval: float) -> list:
             names = "/".join(f"{100 * q:g}th" for q in group)
             handles += [
                 Line2D([], [], color=colour, linestyle=style, marker="o", markersize=3,
-                       label=f"observed {names} percentile"),
+                       label=f"observed {names}"),
                 Patch(color=colour, alpha=alpha,
-                      label=f"simulated {names} percentile, {interval:.0%} interval"),
+                      label=f"simulated {names}, {interval:.0%} interval"),
             ]
     return handles
 

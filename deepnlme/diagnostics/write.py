@@ -19,6 +19,7 @@ Files written into the run directory (besides ``results.json``, ``estimates.csv`
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -182,9 +183,11 @@ def write_all(
     shrinkage, plots); later ones (e.g. held-out subjects) get residual columns in
     ``predictions.csv``. ``se``: run the covariance step (models whose parameters are all
     θ, Ω, σ). ``trace``: :meth:`~deepnlme.training.callbacks.ParameterTrace.table`.
-    Adds ``se``, ``covariance_step``, ``etabar``, ``shrinkage`` and ``npde`` to ``results``,
+    Adds ``se``, ``covariance_step``, ``etabar``, ``shrinkage``, ``npde`` and
+    ``diagnostics_seconds`` (wall time of this call) to ``results``,
     writes ``results.json`` and returns ``results``; logs the console summary.
     """
+    start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(options, DiagnosticOptions):
@@ -235,6 +238,7 @@ def write_all(
     figures: dict[str, list[str]] = {}
     if options.plots and fit.population.n_obs:
         figures = _write_plots(out, model, per_eval[0], shrink, options, trace)
+    results["diagnostics_seconds"] = time.perf_counter() - start
     write_results(out / "results.json", results)
     summary = console_summary(results, params, step, shrink)
     log.info("\n%s", summary)

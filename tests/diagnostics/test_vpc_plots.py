@@ -47,7 +47,7 @@ def test_vpc_lines_span_the_observed_times_and_the_legend_is_unique(pheno):
     for band in ax.collections[1:]:  # the fill_between bands (the first is the scatter)
         x = band.get_paths()[0].vertices[:, 0]
         assert x.min() == pytest.approx(t_min) and x.max() == pytest.approx(t_max)
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert len(labels) == len(set(labels)) == 5
 
 
