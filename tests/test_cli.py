@@ -164,8 +164,18 @@ def test_predict_round_trip_gives_the_same_loglik(theo_run, tmp_path):
 
 @pytest.mark.slow
 def test_pheno_focei_matches_nonmem(in_process, tmp_path):
-    r = in_process(tmp_path, "model=pheno", "data=phenobarbital", "method=focei")
+    r = in_process(tmp_path, "model=pheno", "data=phenobarbital", "method=focei",
+                   "diagnostics.covariance=sandwich", "diagnostics.plots=false")
     assert r["ofv_nonmem"] == pytest.approx(586.276, abs=0.01)
+    # NONMEM's covariance step (sandwich) and shrinkage for this run, at our own estimates
+    se = r["se"]
+    assert [se["tvcl"], se["tvv"], se["apgar_v"]] == pytest.approx(
+        [2.10e-4, 2.69e-2, 8.38e-2], rel=0.02)
+    assert [se["omega"][0][0], se["omega"][1][1]] == pytest.approx([1.34e-2, 7.48e-3], rel=0.02)
+    assert r["covariance_step"]["status"] == "ok"
+    shrink = r["shrinkage"]
+    assert [shrink["eta_sd_pct"]["cl"], shrink["eta_sd_pct"]["v"], shrink["eps_sd_pct"]] == (
+        pytest.approx([47.130, 12.839, 21.198], abs=0.3))
     assert r["converged"] is True
     p = r["params"]
     for name, ref in {"tvcl": 0.0046956, "tvv": 0.98426, "apgar_v": 0.15892}.items():
