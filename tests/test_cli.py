@@ -61,11 +61,15 @@ def user_error(*overrides: str, script: str = "train.py") -> str:
 
 @pytest.fixture(scope="module")
 def in_process():
-    """``train.main``'s work in this process: compose the overrides, run ``train.train``."""
+    """``train.main``'s work in this process: compose the overrides, run ``train.train``
+    (without the diagnostics' plots unless a test asks for them: the subprocess runs have
+    them)."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
 
         def train_in_process(run_dir: Path, *overrides: str) -> dict:
-            cfg = compose("train", build.open_init_overrides(list(overrides)))
+            quick = [] if any(o.startswith("diagnostics.plots") for o in overrides) else [
+                "diagnostics.plots=false"]
+            cfg = compose("train", build.open_init_overrides([*quick, *overrides]))
             with build.exit_on_user_error():
                 return train_module.train(cfg, run_dir)
 
@@ -165,7 +169,7 @@ def test_predict_round_trip_gives_the_same_loglik(theo_run, tmp_path):
 @pytest.mark.slow
 def test_pheno_focei_matches_nonmem(in_process, tmp_path):
     r = in_process(tmp_path, "model=pheno", "data=phenobarbital", "method=focei",
-                   "diagnostics.covariance=sandwich", "diagnostics.plots=false")
+                   "diagnostics.covariance=sandwich")
     assert r["ofv_nonmem"] == pytest.approx(586.276, abs=0.01)
     # NONMEM's covariance step (sandwich) and shrinkage for this run, at our own estimates
     se = r["se"]

@@ -44,6 +44,19 @@ def save_gof(table: pd.DataFrame, path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------- reviewer's plot set
+def panel_figure(nrow: int, ncol: int, width: float, height: float, title: bool = False):
+    """``(figure, axes (nrow, ncol))`` with fixed margins (inches) around panels of
+    ``width`` x ``height`` inches: a constrained layout would double the drawing time of
+    figures with many panels. ``title``: room for a figure title."""
+    fig_w, fig_h = ncol * width + 0.3, nrow * height + 0.2 + 0.35 * title
+    fig = Figure(figsize=(fig_w, fig_h))
+    fig.subplots_adjust(
+        left=0.75 / fig_w, right=1 - 0.2 / fig_w, bottom=0.6 / fig_h,
+        top=1 - (0.4 + 0.35 * title) / fig_h, wspace=0.35, hspace=0.5,
+    )
+    return fig, fig.subplots(nrow, ncol, squeeze=False)
+
+
 def loess(x: np.ndarray, y: np.ndarray, frac: float = 0.6, n_points: int = 50):
     """Local linear smoother (tricube weights, span ``frac`` of the points), evaluated on
     ``n_points`` values across the range of ``x``: returns ``(grid, fit)`` (empty when there
@@ -89,8 +102,7 @@ def _identity(ax, *columns) -> None:
 def dv_pred_figure(table: pd.DataFrame) -> Figure:
     """DV vs PRED and DV vs IPRED on linear (top) and log-log (bottom) axes, with the identity
     line and a local linear smoother (red). ``table``: predictions with DV, PRED, IPRED."""
-    fig = Figure(figsize=(10, 9), layout="constrained")
-    axes = fig.subplots(2, 2)
+    fig, axes = panel_figure(2, 2, 4.8, 4.2)
     for row, log in enumerate((False, True)):
         for col, column in enumerate(("PRED", "IPRED")):
             ax = axes[row, col]
@@ -118,8 +130,8 @@ def residual_figure(table: pd.DataFrame, x_time: str = "TIME") -> Figure:
     panels = [("TIME", "CWRES"), ("PRED", "CWRES"), ("IPRED", "|IWRES|")]
     if "TAD" in table:
         panels.insert(1, ("TAD", "CWRES"))
-    fig = Figure(figsize=(4.6 * len(panels), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(panels))
+    fig, axes = panel_figure(1, len(panels), 4.4, 3.8)
+    axes = axes[0]
     for ax, (x, y) in zip(axes, panels, strict=True):
         values = table["IWRES"].abs() if y == "|IWRES|" else table[y]
         _scatter_smooth(ax, table[x], values)
@@ -138,8 +150,8 @@ def qq_figure(table: pd.DataFrame, columns: tuple[str, ...] = ("CWRES", "NPDE"))
     from scipy import stats
 
     columns = tuple(c for c in columns if c in table and np.isfinite(table[c]).any())
-    fig = Figure(figsize=(4.6 * max(len(columns), 1), 4.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, max(len(columns), 1)))
+    fig, axes = panel_figure(1, max(len(columns), 1), 4.4, 4.0)
+    axes = axes[0]
     for ax, column in zip(axes, columns, strict=False):
         values = np.sort(table[column].to_numpy(dtype=float))
         values = values[np.isfinite(values)]
@@ -161,8 +173,8 @@ def eta_histogram_figure(
     the title gives the η-shrinkage (η̂ narrower than the line: shrinkage)."""
     from scipy import stats
 
-    fig = Figure(figsize=(4.2 * len(eta_names), 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(eta_names)))
+    fig, axes = panel_figure(1, len(eta_names), 4.0, 3.4)
+    axes = axes[0]
     for ax, name, sd in zip(axes, eta_names, omega_sd, strict=True):
         values = ebes[f"eta_{name}"].to_numpy(dtype=float)
         ax.hist(values, bins="auto", density=True, color="tab:blue", alpha=0.6, label="η̂")
@@ -182,8 +194,7 @@ def eta_covariate_figure(ebes: pd.DataFrame, eta_names: list[str], covariates: p
     if covariates.shape[1] == 0:
         return None
     names = list(covariates.columns)
-    fig = Figure(figsize=(3.6 * len(names), 3.0 * len(eta_names)), layout="constrained")
-    axes = fig.subplots(len(eta_names), len(names), squeeze=False)
+    fig, axes = panel_figure(len(eta_names), len(names), 3.2, 2.6, title=True)
     for i, eta in enumerate(eta_names):
         for j, cov in enumerate(names):
             ax = axes[i, j]
@@ -226,6 +237,7 @@ def individual_figures(
             ax.scatter(obs["TIME"], obs["DV"], s=14, color="black", zorder=3, label="DV")
             ax.set_title(f"ID {sid}", fontsize="medium")
             ax.tick_params(labelsize="small")
+            ax.locator_params(nbins=4)  # fewer tick labels: quicker to draw, easier to read
         for ax in axes[len(page):]:
             ax.set_axis_off()
         axes[0].legend(fontsize="x-small")

@@ -73,7 +73,7 @@ class DiagnosticOptions:
     vpc_x: str = "TAD"  # pcVPC binning variable: TAD (time after dose) or TIME
     stratify: str | None = None  # covariate whose values (or halves) stratify the pcVPC
     per_page: int = 12  # subjects per individual-fit page
-    max_pages: int = 4  # individual-fit pages (the first per_page * max_pages subjects)
+    max_pages: int = 3  # individual-fit pages (the first per_page * max_pages subjects)
     plots: bool = True  # write the PNGs (and report.md)
 
     @classmethod
@@ -262,7 +262,7 @@ def _write_plots(
 
     def save(section: str, name: str, fig) -> None:
         if fig is not None:
-            fig.savefig(out / name, dpi=90)
+            fig.savefig(out / name, dpi=80)
             written.setdefault(section, []).append(name)
 
     save("Goodness of fit", "dv_pred.png", dv_pred_figure(table))
