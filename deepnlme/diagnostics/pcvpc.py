@@ -5,8 +5,8 @@ Within each stratum, CMT and bin, each observed and simulated DV is multiplied b
 median(PRED in the bin) / PRED of its observation (PRED: the population prediction, η = 0), so
 that observations with different doses, covariates or times within a bin become comparable;
 then the percentiles are compared as in :func:`~deepnlme.diagnostics.vpc.vpc_statistics`.
-Observations whose PRED is not positive (e.g. at the time of an oral dose) cannot be corrected
-and are left out of the percentiles.
+Observations whose PRED is not positive (e.g. at the time of an oral dose) cannot be corrected:
+they are left out of the percentiles and of the bin's median PRED.
 """
 
 from __future__ import annotations
@@ -81,8 +81,7 @@ def pcvpc_statistics(
         edges = time_bin_edges(x, bins)
         which = assign_bins(x, edges)
         pred = obs["PRED"].to_numpy(dtype=float)
-        median = pd.Series(pred).groupby(which).median()
-        factor = _correction(median.reindex(which).to_numpy(), pred)
+        factor = _correction(_bin_median(pred, which), pred)
         obs_pc = pd.DataFrame({"TIME": x, "DV": obs["DV"].to_numpy() * factor, "CMT": cmt})
         sim = simulated[:, rows] * factor[None, :]
         sim_pc = pd.DataFrame(
@@ -173,8 +172,14 @@ def _corrected(obs: pd.DataFrame, part: pd.DataFrame) -> pd.DataFrame:
     x = obs["X"].to_numpy(dtype=float)
     which = assign_bins(x, edges)
     pred = obs["PRED"].to_numpy(dtype=float)
-    median = pd.Series(pred).groupby(which).median().reindex(which).to_numpy()
-    return pd.DataFrame({"TIME": x, "DV": obs["DV"].to_numpy() * _correction(median, pred)})
+    factor = _correction(_bin_median(pred, which), pred)
+    return pd.DataFrame({"TIME": x, "DV": obs["DV"].to_numpy() * factor})
+
+
+def _bin_median(pred: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Per observation, the median of the positive PREDs of its bin (NaN if none)."""
+    positive = pd.Series(np.where(pred > 0, pred, np.nan))
+    return positive.groupby(which).median().reindex(which).to_numpy()
 
 
 def _correction(median: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -118,3 +118,13 @@ def test_individual_curves_pass_through_the_predictions(pheno):
             assert row["TIME"] == pytest.approx(float(pop.obs_time[i, t]))
             assert row["IPRED"] == pytest.approx(float(preds.ipred[i, t]))
             assert row["PRED"] == pytest.approx(float(preds.pred[i, t]))
+
+
+def test_prediction_correction_skips_zero_pred():
+    """pcDV = DV · median(positive PRED in the bin) / PRED; PRED = 0 rows are left out."""
+    observed = pd.DataFrame({"X": [0.0, 0.0, 1.0, 1.0], "DV": [5.0, 5.0, 2.0, 4.0],
+                             "PRED": [0.0, 0.0, 2.0, 4.0], "CMT": 1, "STRATUM": "all"})
+    sims = np.tile(observed["DV"].to_numpy(), (3, 1))
+    stats = pcvpc_statistics(observed, sims, bins=1, quantiles=(0.5,))
+    assert stats["observed"].tolist() == pytest.approx([3.0])
+    assert stats[["sim_lo", "sim_hi"]].to_numpy().ravel() == pytest.approx([3.0, 3.0])
