@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,11 +30,13 @@ from deepnlme.data.errors import DataValidationError
 from deepnlme.data.population import Population
 from deepnlme.data.sources import load_from_config
 from deepnlme.data.split import split_heldout
-from deepnlme.diagnostics.write import DiagnosticOptions
 from deepnlme.fitted import check_model_data, default_dtype, import_object
 from deepnlme.inference.optimize import OuterOptions
 from deepnlme.model.base import NLMEModel
 from deepnlme.training.callbacks import FitProgressBar
+
+if TYPE_CHECKING:
+    from deepnlme.diagnostics.write import DiagnosticOptions
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +242,8 @@ def _model_choice() -> str | None:
 
 def diagnostic_options(cfg: DictConfig | Mapping) -> DiagnosticOptions:
     """The ``diagnostics`` options of a command's config, checked (a bad value: SetupError)."""
+    from deepnlme.diagnostics.write import DiagnosticOptions  # plotting stack: import late
+
     try:
         return DiagnosticOptions.from_mapping(plain(cfg.get("diagnostics") or {}))
     except ValueError as exc:
