@@ -202,6 +202,8 @@ def write_all(
             step = covariance_step(estimator, fit.population, options.covariance)
             results["se"] = step.se_json()
             results["covariance_step"] = _covariance_summary(step)
+            if not step.ok:
+                log.warning("covariance step (%s) %s", step.method, step.status)
     per_eval = [
         subject_diagnostics(estimator, e, options.n_sim, options.seed + i)
         for i, e in enumerate(evaluations)
