@@ -189,8 +189,9 @@ def eta_histogram_figure(
 
 
 def eta_covariate_figure(ebes: pd.DataFrame, eta_names: list[str], covariates: pd.DataFrame):
-    """η̂ (rows) against each covariate (columns), with a smoother and a zero line: a trend
-    suggests a covariate effect the model lacks. None when there are no covariates."""
+    """η̂ (rows) against each covariate (columns), with a smoother and a zero line (a box per
+    level for covariates with at most 4 values): a trend suggests a covariate effect the
+    model lacks. None when there are no covariates."""
     if covariates.shape[1] == 0:
         return None
     names = list(covariates.columns)
@@ -198,7 +199,14 @@ def eta_covariate_figure(ebes: pd.DataFrame, eta_names: list[str], covariates: p
     for i, eta in enumerate(eta_names):
         for j, cov in enumerate(names):
             ax = axes[i, j]
-            _scatter_smooth(ax, covariates[cov].to_numpy(dtype=float), ebes[f"eta_{eta}"])
+            x = covariates[cov].to_numpy(dtype=float)
+            y = ebes[f"eta_{eta}"].to_numpy(dtype=float)
+            levels = np.unique(x[np.isfinite(x)])
+            if levels.size <= 4:  # categorical: a box per level
+                ax.boxplot([y[x == v] for v in levels], positions=range(levels.size))
+                ax.set_xticks(range(levels.size), [f"{v:g}" for v in levels])
+            else:
+                _scatter_smooth(ax, x, y)
             ax.axhline(0, color="black", linewidth=0.8)
             ax.set(xlabel=cov, ylabel=f"eta_{eta}")
     fig.suptitle("η̂ vs covariates")

@@ -73,7 +73,7 @@ class DiagnosticOptions:
     vpc_x: str = "TAD"  # pcVPC binning variable: TAD (time after dose) or TIME
     stratify: str | None = None  # covariate whose values (or halves) stratify the pcVPC
     per_page: int = 12  # subjects per individual-fit page
-    max_pages: int = 3  # individual-fit pages (the first per_page * max_pages subjects)
+    max_pages: int = 2  # individual-fit pages (the first per_page * max_pages subjects)
     plots: bool = True  # write the PNGs (and report.md)
 
     @classmethod
