@@ -3,9 +3,10 @@
 Reloads the checkpoint (safely: plain data only; the model class only from ``deepnlme`` or from
 a module named in ``trusted_modules=[mymodels]``), finds each subject's η̂ from its own data at
 the fitted parameters and writes ``results.json`` (log-likelihood of the given subjects),
-``ebes.csv``, ``predictions.csv`` and ``gof.png`` into the Hydra run directory. Without
-``data=...`` the checkpoint's training data is used; an empty ``data.covariates`` means the
-covariates the model was trained with.
+``ebes.csv``, ``predictions.csv``, ``gof.png`` and the diagnostics of
+:func:`deepnlme.diagnostics.write_all` (``se=true``: with the covariance step) into the Hydra
+run directory. Without ``data=...`` the checkpoint's training data is used; an empty
+``data.covariates`` means the covariates the model was trained with.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ log = logging.getLogger("deepnlme.predict")
 def predict(cfg: DictConfig, output_dir: Path) -> dict:
     """Evaluate the checkpoint on the configured subjects; returns results.json."""
     from deepnlme import diagnostics
-    from deepnlme.training import commands
+    from deepnlme.training import build, commands
 
+    options = build.diagnostic_options(cfg)
     fitted, pop, head = commands.load_run(cfg)
     evaluation = fitted.evaluate(pop, split="predict")
     results = {
@@ -33,8 +35,8 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict:
         **diagnostics.likelihood_summary(fitted.model, evaluation),
         **diagnostics.parameter_summary(fitted.model),
     }
-    diagnostics.write_results(output_dir / "results.json", results)
-    diagnostics.write_tables(output_dir, [evaluation])
+    se = bool(cfg.get("se", False))
+    diagnostics.write_all(output_dir, fitted.estimator, [evaluation], results, options, se)
     log.info("loglik %.4f of %d subjects  -> %s", results["loglik"], len(pop), output_dir)
     return results
 

@@ -38,6 +38,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
     fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
+    options = build.diagnostic_options(cfg)
     checkpoint = _resume_checkpoint(cfg.ckpt_path)
 
     import lightning.pytorch as pl
@@ -49,6 +50,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         ConvergenceMonitor,
         FitTimer,
         NLMEFitModule,
+        ParameterTrace,
         PopulationDataModule,
     )
     from deepnlme.training.interrupt import StopOnSignal
@@ -66,9 +68,9 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     if checkpoint is not None:
         _check_resumable(cfg.ckpt_path, checkpoint, module)
     monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
-    timer = FitTimer()
+    timer, trace = FitTimer(), ParameterTrace()
     stop = StopOnSignal()
-    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer, stop])
+    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer, trace, stop])
     trainer.fit(
         module,
         datamodule=PopulationDataModule(fit_pop, dtype),
@@ -94,21 +96,14 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "fit_seconds": timer.seconds,
         **diagnostics.parameter_summary(model),
     }
-    se, warnings = diagnostics.covariance_step(estimator, fit_pop, cfg.get("se", True))
-    if se is None and cfg.get("se", True):
-        log.info("no standard errors: the model has parameters besides θ, Ω and σ")
-    elif se is not None:
-        results["se"] = se
     not_converged = convergence_warning(
         monitor.converged, monitor.stop_reason, monitor.grad_max, outer.converged_gtol
     )
-    results["warnings"] = [not_converged, *warnings] if not_converged else warnings
-    for warning in results["warnings"]:
-        log.warning(warning)
+    results["warnings"] = [not_converged] if not_converged else []
     if heldout_pop is not None:
         results["heldout"] = evaluations[1].metrics()
-    diagnostics.write_results(output_dir / "results.json", results)
-    diagnostics.write_tables(output_dir, evaluations, model, se=se)
+    se = bool(cfg.get("se", True))
+    diagnostics.write_all(output_dir, estimator, evaluations, results, options, se, trace.table())
     log.info(
         "loglik %.4f  ofv %.4f  converged %s (%d iterations, %.1f s)  -> %s",
         results["loglik"], results["ofv"], results["converged"], results["n_iter"],

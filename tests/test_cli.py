@@ -62,11 +62,15 @@ def user_error(*overrides: str, script: str = "train.py") -> str:
 
 @pytest.fixture(scope="module")
 def in_process():
-    """``train.main``'s work in this process: compose the overrides, run ``train.train``."""
+    """``train.main``'s work in this process: compose the overrides, run ``train.train``
+    (without the diagnostics' plots unless a test asks for them: the subprocess runs have
+    them)."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
 
         def train_in_process(run_dir: Path, *overrides: str) -> dict:
-            cfg = compose("train", build.open_init_overrides(list(overrides)))
+            quick = [] if any(o.startswith("diagnostics.plots") for o in overrides) else [
+                "diagnostics.plots=false"]
+            cfg = compose("train", build.open_init_overrides([*quick, *overrides]))
             with build.exit_on_user_error():
                 return train_module.train(cfg, run_dir)
 
@@ -126,11 +130,13 @@ def test_theophylline_laplace_results(theo_run):
 @pytest.mark.slow
 def test_theophylline_run_directory(theo_run):
     run_dir, _ = theo_run
-    for name in ("estimates.csv", "predictions.csv", "ebes.csv", "gof.png", ".hydra/config.yaml"):
+    for name in ("estimates.csv", "predictions.csv", "ebes.csv", "gof.png", ".hydra/config.yaml",
+                 "parameters.csv", "shrinkage.csv", "report.md", "convergence.png", "pcvpc.png"):
         assert (run_dir / name).exists(), name
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert list(predictions.columns) == [
-        "ID", "TIME", "DV", "PRED", "IPRED", "IWRES", "CMT", "split"
+        "ID", "TIME", "TAD", "DV", "PRED", "IPRED", "IWRES", "CPRED", "CWRES", "CIWRES", "NPD",
+        "NPDE", "CMT", "split"
     ]
     assert len(predictions) == 132 and set(predictions["split"]) == {"fit"}
     ebes = pd.read_csv(run_dir / "ebes.csv")
@@ -165,8 +171,18 @@ def test_predict_round_trip_gives_the_same_loglik(theo_run, tmp_path):
 
 @pytest.mark.slow
 def test_pheno_focei_matches_nonmem(in_process, tmp_path):
-    r = in_process(tmp_path, "model=pheno", "data=phenobarbital", "method=focei")
+    r = in_process(tmp_path, "model=pheno", "data=phenobarbital", "method=focei",
+                   "diagnostics.covariance=sandwich")
     assert r["ofv_nonmem"] == pytest.approx(586.276, abs=0.01)
+    # NONMEM's covariance step (sandwich) and shrinkage for this run, at our own estimates
+    se = r["se"]
+    assert [se["tvcl"], se["tvv"], se["apgar_v"]] == pytest.approx(
+        [2.10e-4, 2.69e-2, 8.38e-2], rel=0.02)
+    assert [se["omega"][0][0], se["omega"][1][1]] == pytest.approx([1.34e-2, 7.48e-3], rel=0.02)
+    assert r["covariance_step"]["status"] == "ok"
+    shrink = r["shrinkage"]
+    assert [shrink["eta_sd_pct"]["cl"], shrink["eta_sd_pct"]["v"], shrink["eps_sd_pct"]] == (
+        pytest.approx([47.130, 12.839, 21.198], abs=0.3))
     assert r["converged"] is True
     p = r["params"]
     for name, ref in {"tvcl": 0.0046956, "tvv": 0.98426, "apgar_v": 0.15892}.items():

@@ -52,9 +52,18 @@ def test_train_defaults_list():
         "model": "neural_pk",
         "method": "laplace",
         "trainer": "default",
+        "diagnostics": "default",
         "hydra": "default",
         "hparams_search": None,
     }
+
+
+def test_diagnostics_options_compose_and_bad_ones_are_setup_errors(hydra_configs):
+    options = build.diagnostic_options(compose_train("diagnostics.covariance=sandwich"))
+    assert (options.covariance, options.n_sim, options.vpc_x) == ("sandwich", 200, "TAD")
+    assert build.diagnostic_options(compose("predict", ["ckpt_path=x"])).plots is True
+    with pytest.raises(build.SetupError, match="diagnostics.covariance must be one of"):
+        build.diagnostic_options(compose_train("diagnostics.covariance=S"))
 
 
 @pytest.mark.parametrize(("data", "model", "method", "trainer"), COMBINATIONS)

@@ -1,12 +1,13 @@
 """Diagnostics: pure functions of a model, an estimator and a population (no Lightning).
 
 EBEs, PRED/IPRED/IWRES, held-out metrics, parameter summaries, tables and plots, visual
-predictive checks.
+predictive checks; the covariance step, parameter table, CWRES/NPDE, shrinkage, the reviewer's
+plot set and report.md (:func:`write_all`).
 """
 
+from deepnlme.diagnostics.covariance import covariance_step
 from deepnlme.diagnostics.ebes import ebe_table
 from deepnlme.diagnostics.estimates import (
-    covariance_step,
     estimates_table,
     omega_blocks,
     param_values,
@@ -24,8 +25,10 @@ from deepnlme.diagnostics.report import (
 )
 from deepnlme.diagnostics.simulation import sample_eta, simulate
 from deepnlme.diagnostics.vpc import save_vpc, vpc_coverage, vpc_figure, vpc_statistics
+from deepnlme.diagnostics.write import DiagnosticOptions, write_all
 
 __all__ = [
+    "DiagnosticOptions",
     "Evaluation",
     "Predictions",
     "covariance_step",
@@ -49,6 +52,7 @@ __all__ = [
     "vpc_coverage",
     "vpc_figure",
     "vpc_statistics",
+    "write_all",
     "write_results",
     "write_tables",
 ]

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from deepnlme.data.population import Population
-from deepnlme.inference.uncertainty import identifiability_warnings, parameter_covariance
+from deepnlme.diagnostics.covariance import covariance_step
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import FullCovariance
 from deepnlme.model.params import RandomEffects
@@ -31,32 +31,15 @@ def omega_blocks(model: NLMEModel) -> dict[str, dict[str, list]]:
     }
 
 
-def standard_errors(estimator, pop: Population) -> dict[str, float | list | None] | None:
+def standard_errors(
+    estimator, pop: Population, method: str = "r"
+) -> dict[str, float | list | None] | None:
     """Natural-scale standard errors of every declared parameter (None where fixed; NaN where
-    the objective's Hessian is not positive definite), or None for models with network
-    weights (see :func:`deepnlme.inference.uncertainty.parameter_covariance`)."""
+    the covariance step fails), or None for models with network weights; ``method``: "r"
+    (R⁻¹) or "sandwich" (see :func:`deepnlme.diagnostics.covariance.covariance_step`)."""
     if estimator.model.n_undeclared_parameters():
         return None
-    cov = parameter_covariance(estimator, pop)
-    return {name: None if se is None else se.cpu().tolist() for name, se in cov.se.items()}
-
-
-def covariance_step(
-    estimator, pop: Population, compute_se: bool = True
-) -> tuple[dict[str, float | list | None] | None, list[str]]:
-    """``(standard errors as in :func:`standard_errors` or None, identifiability warnings)``.
-
-    The warnings (:func:`~deepnlme.inference.uncertainty.identifiability_warnings`) name
-    parameters at a boundary always, and, when standard errors are computed (``compute_se`` and
-    a model without network weights), a Hessian that is not positive definite, a large
-    condition number and large relative standard errors.
-    """
-    model = estimator.model
-    if not compute_se or model.n_undeclared_parameters():
-        return None, identifiability_warnings(model)
-    cov = parameter_covariance(estimator, pop)
-    se = {name: None if v is None else v.cpu().tolist() for name, v in cov.se.items()}
-    return se, identifiability_warnings(model, cov)
+    return covariance_step(estimator, pop, method).se_json()
 
 
 def estimates_table(model: NLMEModel, se: Mapping[str, Any] | None = None) -> pd.DataFrame:

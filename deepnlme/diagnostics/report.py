@@ -73,13 +73,16 @@ def write_tables(
     evaluations: Sequence[Evaluation],
     model: NLMEModel | None = None,
     se: Mapping[str, Any] | None = None,
+    predictions: pd.DataFrame | None = None,
 ) -> list[Path]:
     """``predictions.csv``, ``ebes.csv`` (all evaluations, with their split), ``estimates.csv``
     (when ``model`` is given; with an ``se`` column when ``se`` is) and ``gof.png`` in
-    ``out_dir``."""
+    ``out_dir``. ``predictions``: the per-observation table to write (default: the
+    evaluations' :meth:`~deepnlme.diagnostics.evaluation.Evaluation.prediction_table`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictions = pd.concat([e.prediction_table() for e in evaluations], ignore_index=True)
+    if predictions is None:
+        predictions = pd.concat([e.prediction_table() for e in evaluations], ignore_index=True)
     ebes = pd.concat([e.ebes for e in evaluations], ignore_index=True)
     written = [out / "predictions.csv", out / "ebes.csv"]
     predictions.to_csv(written[0], index=False)

@@ -128,8 +128,9 @@ def vpc_figure(
     Raw observations as grey points; observed percentiles per bin as lines through the bins'
     median times (the percentile nearest 0.5 solid red, the others dashed blue); the
     simulated ``interval`` of each percentile as a shaded band of the same colour; bin edges
-    as thin vertical lines. ``stats``: :func:`vpc_statistics` of the same tables and
-    arguments when already computed.
+    as thin vertical lines. Lines and bands span the whole observed time range: the first
+    and last bins' values are held to the outer bin edges. ``stats``: :func:`vpc_statistics`
+    of the same tables and arguments when already computed.
     """
     if stats is None:
         stats = vpc_statistics(observed, simulated, bins, quantiles, interval)
@@ -140,23 +141,45 @@ def vpc_figure(
     axes = fig.subplots(1, len(cmts), squeeze=False)[0]
     for ax, cmt in zip(axes, cmts, strict=True):
         obs = observed[observed["CMT"] == cmt]
-        part = stats[stats["CMT"] == cmt].sort_values(["quantile", "bin"])
-        ax.scatter(obs["TIME"], obs["DV"], s=9, color="0.55", alpha=0.6, zorder=1)
-        for q, rows in part.groupby("quantile"):
-            colour, style, alpha = _style(q == central)
-            x = rows["time_mid"]
-            ax.fill_between(x, rows["sim_lo"], rows["sim_hi"], color=colour, alpha=alpha,
-                            linewidth=0, zorder=2)
-            ax.plot(x, rows["observed"], color=colour, linestyle=style, linewidth=1.8,
-                    marker="o", markersize=3, zorder=3)
-        for edge in np.unique(np.concatenate([part["time_lo"], part["time_hi"]])):
-            ax.axvline(edge, color="0.85", linewidth=0.6, zorder=0)
-        if log_y:
-            _log_axis(ax, obs["DV"], part)
+        part = stats[stats["CMT"] == cmt]
+        draw_vpc_panel(ax, obs, part, central, log_y)
         title = "VPC" if len(cmts) == 1 else f"VPC, CMT {cmt}"
         ax.set(xlabel="TIME", ylabel="DV", title=title)
-    axes[0].legend(handles=_legend(qs, central, interval), fontsize="small", loc="best")
+    fig.legend(handles=vpc_legend(qs, central, interval), fontsize="small",
+               loc="outside lower center", ncol=3 if len(cmts) > 1 else 2)
     return fig
+
+
+def draw_vpc_panel(
+    ax, obs: pd.DataFrame, part: pd.DataFrame, central: float, log_y: bool = False
+) -> None:
+    """Draw one VPC panel on ``ax``: the points of ``obs`` (TIME, DV), and the observed
+    percentiles and simulated bands of ``part`` (rows of :func:`vpc_statistics`)."""
+    part = part.sort_values(["quantile", "bin"])
+    ax.scatter(obs["TIME"], obs["DV"], s=9, color="0.55", alpha=0.6, zorder=1)
+    for q, rows in part.groupby("quantile"):
+        colour, style, alpha = _style(q == central)
+        x, lo, hi, mid = _span(rows)
+        ax.fill_between(x, lo, hi, color=colour, alpha=alpha, linewidth=0, zorder=2)
+        ax.plot(x, mid, color=colour, linestyle=style, linewidth=1.8, zorder=3)
+        ax.plot(rows["time_mid"], rows["observed"], color=colour, linestyle="",
+                marker="o", markersize=3, zorder=3)
+    for edge in np.unique(np.concatenate([part["time_lo"], part["time_hi"]])):
+        ax.axvline(edge, color="0.85", linewidth=0.6, zorder=0)
+    if log_y:
+        _log_axis(ax, obs["DV"], part)
+
+
+def _span(rows: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """``(x, sim_lo, sim_hi, observed)`` of one percentile's rows (sorted by bin), from the
+    first bin's lower edge through the bins' median times to the last bin's upper edge."""
+    x = np.concatenate([[rows["time_lo"].iloc[0]], rows["time_mid"], [rows["time_hi"].iloc[-1]]])
+
+    def held(column: str) -> np.ndarray:
+        v = rows[column].to_numpy()
+        return np.concatenate([v[:1], v, v[-1:]])
+
+    return x, held("sim_lo"), held("sim_hi"), held("observed")
 
 
 def _style(central: bool) -> tuple[str, str, float]:
@@ -164,16 +187,19 @@ def _style(central: bool) -> tuple[str, str, float]:
     return ("tab:red", "-", 0.3) if central else ("tab:blue", "--", 0.2)
 
 
-def _legend(qs: list[float], central: float, interval: float) -> list:
-    """Legend entries of :func:`vpc_figure`: points, observed lines, simulated bands."""
+def vpc_legend(qs: list[float], central: float, interval: float) -> list:
+    """Legend entries of :func:`vpc_figure`, each once: points, observed percentiles, and the
+    simulated interval of each group of percentiles (central, outer)."""
     handles: list = [Line2D([], [], color="0.55", marker="o", linestyle="", label="observations")]
     for group in ([central], [q for q in qs if q != central]):
         if group:
             colour, style, alpha = _style(group[0] == central)
             names = "/".join(f"{100 * q:g}th" for q in group)
             handles += [
-                Line2D([], [], color=colour, linestyle=style, label=f"observed {names}"),
-                Patch(color=colour, alpha=alpha, label=f"simulated {interval:.0%} interval"),
+                Line2D([], [], color=colour, linestyle=style, marker="o", markersize=3,
+                       label=f"observed {names}"),
+                Patch(color=colour, alpha=alpha,
+                      label=f"simulated {names}, {interval:.0%} interval"),
             ]
     return handles
 

@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deepnlme.inference.optimize import objective_and_gradient
-    from deepnlme.training.callbacks import ConvergenceMonitor, FitProgressBar, FitTimer
+    from deepnlme.training.callbacks import (
+        ConvergenceMonitor,
+        FitProgressBar,
+        FitTimer,
+        ParameterTrace,
+    )
     from deepnlme.training.datamodule import PopulationDataModule
     from deepnlme.training.module import NLMEFitModule
 
@@ -22,6 +27,7 @@ _EXPORTS = {
     "FitProgressBar": "deepnlme.training.callbacks",
     "FitTimer": "deepnlme.training.callbacks",
     "NLMEFitModule": "deepnlme.training.module",
+    "ParameterTrace": "deepnlme.training.callbacks",
     "PopulationDataModule": "deepnlme.training.datamodule",
     "objective_and_gradient": "deepnlme.inference.optimize",
 }
@@ -31,6 +37,7 @@ __all__ = [
     "FitProgressBar",
     "FitTimer",
     "NLMEFitModule",
+    "ParameterTrace",
     "PopulationDataModule",
     "objective_and_gradient",
 ]

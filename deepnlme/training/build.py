@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from deepnlme.inference.optimize import OuterOptions
     from deepnlme.model.base import NLMEModel
 
+if TYPE_CHECKING:
+    from deepnlme.diagnostics.write import DiagnosticOptions
+
 log = logging.getLogger(__name__)
 
 #: Fewer L-BFGS iterations per step leave its line search no evaluations to work with.
@@ -266,6 +269,16 @@ def _model_choice() -> str | None:
     if any(o.lstrip("+~").startswith("model._target_=") for o in hydra_cfg.overrides.task):
         return None
     return hydra_cfg.runtime.choices.get("model")
+
+
+def diagnostic_options(cfg: DictConfig | Mapping) -> DiagnosticOptions:
+    """The ``diagnostics`` options of a command's config, checked (a bad value: SetupError)."""
+    from deepnlme.diagnostics.write import DiagnosticOptions  # plotting stack: import late
+
+    try:
+        return DiagnosticOptions.from_mapping(plain(cfg.get("diagnostics") or {}))
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
 
 
 def set_threads(cfg: DictConfig | Mapping) -> None:

@@ -18,6 +18,7 @@ from deepnlme.inference.optimize import (
     objective_and_gradient,
     stop_reason,
 )
+from deepnlme.model.params import RandomEffects
 
 
 class ConvergenceMonitor(Callback):
@@ -135,3 +136,41 @@ class FitProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         return {k: f"{v:.7g}" if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+class ParameterTrace(Callback):
+    """Records the objective and the declared parameters (natural scale) at every objective
+    evaluation of the fit; :meth:`table` keeps the best evaluation of each L-BFGS iteration
+    (line-search trials that were not taken drop out) for the convergence plot."""
+
+    def __init__(self, max_objective: float = 1e14) -> None:
+        self.max_objective = max_objective
+        self.records: list[dict[str, float]] = []
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        value = float(loss.detach())
+        if not math.isfinite(value) or value >= self.max_objective:
+            return
+        record = {"iteration": float(lbfgs_iterations(trainer.optimizers[0])), "objective": value}
+        # "objective": the fit's loss (-log likelihood - log prior)
+        for name, p in pl_module.estimator.model.declared().items():
+            flat = p.value().detach().reshape(-1).cpu().tolist()
+            if len(flat) == 1:
+                record[name] = flat[0]
+            elif isinstance(p, RandomEffects):  # the variances, by η name
+                k = p.k
+                record.update({f"{name}[{n},{n}]": flat[i * k + i] for i, n in enumerate(p.names)})
+            else:
+                record.update({f"{name}[{i}]": v for i, v in enumerate(flat)})
+        self.records.append(record)
+
+    def table(self):
+        """One row per iteration (its lowest objective): ``iteration``, ``objective`` (the
+        fit's loss, -log likelihood), then one column per parameter entry; None if empty."""
+        import pandas as pd
+
+        if not self.records:
+            return None
+        frame = pd.DataFrame(self.records)
+        best = frame.groupby("iteration")["objective"].idxmin()
+        return frame.loc[best.to_numpy()].reset_index(drop=True)
