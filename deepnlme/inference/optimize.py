@@ -92,7 +92,8 @@ def convergence_warning(
     return (
         f"the fit did not converge: it stopped with {stop_reason or 'no stop reason'}, max "
         f"|gradient| {grad_max:.3g} (converged needs a finite objective, max |gradient| < "
-        f"{converged_gtol:g} and a stop of the optimizer's own); the estimates are not an optimum"
+        f"{converged_gtol:g} and a stop of the optimizer's own); the estimates may not be an "
+        "optimum" + ("; raise method.max_iter to go on" if stop_reason == STOP_MAX_ITER else "")
     )
 
 
