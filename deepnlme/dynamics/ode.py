@@ -30,15 +30,16 @@ subjects on the first axis) is what ``rhs`` then receives as ``indiv``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchdiffeq import odeint
 
 from deepnlme.data.population import Population
+from deepnlme.dynamics import _solvers
 from deepnlme.dynamics.base import Dynamics
 from deepnlme.dynamics.closed_form import (
     LinearCompartmentModel,
@@ -54,6 +55,7 @@ def _row_max_rms(x: Tensor) -> Tensor:
     """Error norm for batched subjects: the largest per-subject RMS (rows = subjects).
 
     Detached: step sizes are not differentiated (and a zero error gives no NaN gradient).
+    Used by the torchdiffeq methods.
     """
     x = x.detach()
     if x.dim() < 2:
@@ -88,8 +90,17 @@ class OdeDynamics(Dynamics):
         compartments: compartment names (CMT numbering is 1-based in this order).
         default_dose_cmt, default_obs_cmt: 1-based CMT used where the data says 0.
         required: individual parameters ``rhs`` needs.
-        method, rtol, atol, options: passed to :func:`torchdiffeq.odeint`; the default error
-            norm is the largest per-subject RMS, so that no subject is under-resolved.
+        method: solver by name: ``"dopri5"`` (adaptive, the default), ``"rk4"``,
+            ``"midpoint"``, ``"euler"`` (fixed step), or any other torchdiffeq method.
+        rtol, atol: error tolerances of the adaptive solvers (per-subject RMS norm; the worst
+            subject decides, so that no subject is under-resolved).
+        max_step: longest step in time units (fixed-step solvers: each segment of the event
+            grid takes ``ceil(length / max_step)`` equal steps; adaptive: a cap).
+        min_steps: fewest steps per segment for the fixed-step solvers (default 1).
+        adjoint: integrate by torchdiffeq's ``odeint_adjoint`` (memory independent of the
+            number of steps, at about twice the time of a gradient).
+        options: torchdiffeq options for its methods; ``{"step_size": h}`` with a fixed-step
+            solver means ``min_steps = ceil(1 / h)`` (h as a share of each segment).
         ss_rtol, ss_atol: steady-state tolerance on the Newton step (default 10× rtol / atol).
         ss_max_iter: most Newton steps towards steady state.
     """
@@ -106,6 +117,9 @@ class OdeDynamics(Dynamics):
         rtol: float = 1e-6,
         atol: float = 1e-9,
         options: dict | None = None,
+        max_step: float | None = None,
+        min_steps: int = 1,
+        adjoint: bool = False,
         ss_rtol: float | None = None,
         ss_atol: float | None = None,
         ss_max_iter: int = 50,
@@ -120,6 +134,11 @@ class OdeDynamics(Dynamics):
         self.rtol = rtol
         self.atol = atol
         self.options = {"norm": _row_max_rms, **(options or {})}
+        if "step_size" in self.options and method in _solvers.FIXED:
+            min_steps = max(min_steps, math.ceil(1.0 / float(self.options["step_size"]) - 1e-9))
+        self.max_step = max_step
+        self.min_steps = int(min_steps)
+        self.adjoint = bool(adjoint)
         self.ss_rtol = 10 * rtol if ss_rtol is None else ss_rtol
         self.ss_atol = 10 * atol if ss_atol is None else ss_atol
         self.ss_max_iter = ss_max_iter
@@ -140,21 +159,29 @@ class OdeDynamics(Dynamics):
         )
 
     # ------------------------------------------------------------------ integration
+    @property
+    def solver(self) -> _solvers.SolverOptions:
+        """The solver settings (:class:`deepnlme.dynamics._solvers.SolverOptions`)."""
+        opts = {k: v for k, v in self.options.items() if k != "step_size"}
+        return _solvers.SolverOptions(
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_step=self.max_step,
+            min_steps=self.min_steps,
+            adjoint=self.adjoint,
+            options=opts,
+        )
+
     def _integrate(
         self, x: Tensor, start: Tensor, length: Tensor, rate: Tensor, indiv: Mapping[str, Tensor]
     ) -> Tensor:
         """State after integrating rows of ``x`` ``(B, C)`` from ``start`` over ``length``
         (both ``(B,)``, time units) with the constant input ``rate`` ``(B, C)``."""
-        scale = length[:, None]
-
-        def func(s: Tensor, y: Tensor) -> Tensor:
-            return scale * (self.rhs(start + s * length, y, indiv) + rate)
-
-        grid = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
-        sol = odeint(
-            func, x, grid, method=self.method, rtol=self.rtol, atol=self.atol, options=self.options
+        out = _solvers.integrate(
+            self.rhs, indiv, x, start[:, None], length[:, None], rate[:, None], self.solver
         )
-        return sol[-1]
+        return out[:, -1]
 
     @staticmethod
     def _newton_step(
@@ -320,16 +347,10 @@ class OdeDynamics(Dynamics):
         )
         seg_rate = torch.einsum("nkj,njc->nkc", covers.to(dtype), i_rate)
 
-        needed = (length > 0).any(0).tolist()
-        x = jumps.new_zeros(jumps.shape[0], n_cmt)
-        states = []
-        for k in range(n_events):
-            x = torch.where(same[:, k, None], x, 0.0)
-            if needed[k]:
-                x = self._integrate(x, seg_start[:, k], length[:, k], seg_rate[:, k], rhs_indiv)
-            x = x + jumps[:, k]
-            states.append(x)
-        states = torch.stack(states, 1)  # (N, K', C)
+        x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
+        states = _solvers.integrate(  # (N, K', C): one batched solve over every event grid
+            self.rhs, rhs_indiv, x0, seg_start, length, seg_rate, self.solver, same, jumps
+        )
 
         inverse = torch.empty_like(order).scatter_(
             1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
