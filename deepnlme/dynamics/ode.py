@@ -77,7 +77,7 @@ class LinearRhs(nn.Module):
     def forward(self, t: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
         """``t`` ``(N,)``, ``amounts`` ``(N, C)`` -> ``dA/dt`` ``(N, C)`` (amount/time)."""
         k = indiv["_rate_matrix"] if "_rate_matrix" in indiv else self.model.rate_matrix(indiv)
-        return torch.einsum("nij,nj->ni", k, amounts)
+        return torch.matmul(k, amounts.unsqueeze(-1)).squeeze(-1)
 
 
 class OdeDynamics(Dynamics):
@@ -348,8 +348,9 @@ class OdeDynamics(Dynamics):
         seg_rate = torch.einsum("nkj,njc->nkc", covers.to(dtype), i_rate)
 
         x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
+        inputs_rate = seg_rate if doses.flags.infusion else None
         states = _solvers.integrate(  # (N, K', C): one batched solve over every event grid
-            self.rhs, rhs_indiv, x0, seg_start, length, seg_rate, self.solver, same, jumps
+            self.rhs, rhs_indiv, x0, seg_start, length, inputs_rate, self.solver, same, jumps
         )
 
         inverse = torch.empty_like(order).scatter_(
