@@ -83,6 +83,9 @@ class LinearRhs(nn.Module):
 class OdeDynamics(Dynamics):
     """Dynamics defined by a right-hand side, integrated numerically with doses as events.
 
+    ``difference_hessians``: the estimators' mode searches take η-Hessians by differences of
+    gradients (one batched gradient instead of K reverse passes through the solve).
+
     Args:
         rhs: ``rhs(t, amounts, indiv) -> dA/dt``; ``t`` ``(N,)`` per-subject times,
             ``amounts`` ``(N, C)``, ``indiv`` dict of ``(N, ...)`` tensors; returns ``(N, C)``
@@ -104,6 +107,8 @@ class OdeDynamics(Dynamics):
         ss_rtol, ss_atol: steady-state tolerance on the Newton step (default 10× rtol / atol).
         ss_max_iter: most Newton steps towards steady state.
     """
+
+    difference_hessians = True
 
     def __init__(
         self,
