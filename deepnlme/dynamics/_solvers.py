@@ -247,26 +247,28 @@ def _fixed_segment(step, g, x: Tensor, a: Tensor, length: Tensor, n: int) -> Ten
     return x
 
 
-def _dopri5_segment(g, x, a, length, options: SolverOptions, h: float | None):
-    """Adaptive Dormand–Prince over one pseudo-time unit; returns the state and the next step
-    size to try (carried into the next segment)."""
+def _dopri5_segment(g, x, a, length, options: SolverOptions, h_time: float | None):
+    """Adaptive Dormand–Prince over one pseudo-time unit. ``h_time`` is the step (in time
+    units, for the longest segment) that the previous segment ended with, None at the start;
+    returns the state and the step to carry into the next segment."""
+    longest = float(length.detach().max())
     h_max = 1.0
-    if options.max_step is not None:
-        longest = float(length.detach().max())
-        if longest > 0:
-            h_max = min(1.0, options.max_step / longest)
+    if options.max_step is not None and longest > 0:
+        h_max = min(1.0, options.max_step / longest)
 
     def time(s: float) -> Tensor:
         return torch.add(a, length, alpha=s)
 
     col = length[:, None]
     k1 = g(a, x)
-    if h is None:  # Hairer's initial step from the scale of x and its derivative
+    if h_time is None:  # Hairer's initial step from the scale of x and its derivative
         with torch.no_grad():
             scale = options.atol + options.rtol * x.detach().abs()
             d0 = float((x.detach() / scale).pow(2).mean().sqrt())
             d1 = float((col * k1.detach() / scale).pow(2).mean().sqrt())
             h = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-3
+    else:
+        h = h_time / longest
     h = min(max(h, 1e-6), h_max)
     s = 0.0
     n = 0
@@ -286,7 +288,8 @@ def _dopri5_segment(g, x, a, length, options: SolverOptions, h: float | None):
         factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** (-0.2)))
         if ratio <= 1.0:
             x, k1, s = x_new, k_new, (1.0 if last else s + step)
-            h = min(step * factor, h_max) if not last or factor < 1 else min(h, h_max)
+            if not last or factor < 1.0:  # a short last step says little about the next
+                h = min(step * factor, h_max)
         else:
             h = step * factor
-    return x, h
+    return x, h * longest
