@@ -1,13 +1,19 @@
-"""General dynamics by numerical integration (torchdiffeq), batched over subjects.
+"""General dynamics by numerical integration, batched over subjects.
 
 ``OdeDynamics(rhs, compartments, ...)`` integrates ``dA/dt = rhs(t, A, indiv) + infusions``
 with doses applied as in NONMEM (see :mod:`deepnlme.dynamics.dosing`):
 
 * every subject is integrated over its own sorted sequence of events (dose starts, infusion
-  ends, steady-state starts, observations). Step ``k`` integrates, for all subjects at once,
-  the segment ``[a_k, b_k]`` between a subject's events ``k-1`` and ``k``, re-parametrised to
-  ``s in [0, 1]`` (``t = a_k + s·(b_k - a_k)``), so one batched ``odeint`` call handles one
-  segment of every subject and no dose discontinuity is smoothed over;
+  ends, steady-state starts, observations). Segment ``k`` of every subject, between its
+  events ``k-1`` and ``k``, is mapped onto the common pseudo-time interval ``[k, k+1]``
+  (``t = a_k + s·(b_k - a_k)``, the right-hand side scaled by the segment's length), so one
+  integrator advances all subjects at once (:mod:`deepnlme.dynamics._solvers`; no loop over
+  subjects, no solver call per segment) and no dose discontinuity is smoothed over;
+* solvers by name: ``dopri5`` (adaptive, own batched implementation: the step is accepted
+  when the worst subject's error passes), fixed-step ``rk4`` / ``midpoint`` / ``euler``
+  (``ceil(length / max_step)`` steps per segment), any other torchdiffeq method, and
+  ``adjoint=True`` (torchdiffeq's ``odeint_adjoint`` per pseudo-time unit, for memory);
+  the code is device- and dtype-agnostic (tensors are created on the inputs' device, dtype);
 * boluses are jumps added at their (lagged) time; infusions add a constant rate input on the
   segments they cover; observations at a dose time see the dose;
 * a new epoch (reset) sets the state to zero at the first event of the epoch (exact for
@@ -21,7 +27,7 @@ with doses applied as in NONMEM (see :mod:`deepnlme.dynamics.dosing`):
   NONMEM). Doses of the train that are still infusing at the record time continue after it.
   Lag >= II is not supported here (the closed forms support it).
 
-Gradients flow through ``odeint`` by ordinary autograd (``rhs`` may be an ``nn.Module``); the
+Gradients flow through the solver by ordinary autograd (``rhs`` may be an ``nn.Module``); the
 steady state's gradient follows the implicit function theorem (exact for a linear ``rhs``,
 first-order exact otherwise). An ``rhs`` may define ``prepare(indiv) -> dict`` to compute
 per-subject quantities once per forward (e.g. a rate matrix); the returned dict (tensors with
