@@ -1,0 +1,115 @@
+"""Estimators through numerically integrated dynamics: the ODE version of a closed-form
+model has the closed form's Laplace optimum, and marginal-likelihood gradients through the
+ODE equal finite differences (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepnlme.data import load_dataset
+from deepnlme.dynamics import OdeDynamics, OneCmtOral
+from deepnlme.inference import FOCEI, Laplace
+from deepnlme.inference.inner import difference_hessian
+from deepnlme.inference.joint import NegLogJoint
+from deepnlme.inference.optimize import objective_and_gradient, trainable
+from deepnlme.model.zoo.ode_pk import TwoCmtMMOralModel
+from deepnlme.model.zoo.pk import OneCmtOralModel
+
+# Laplace optimum of the closed-form model on Theophylline (experiments/theophylline_laplace)
+OPTIMUM = {
+    "tvka": 1.5789,
+    "tvcl": 0.04004,
+    "tvv": 0.4575,
+    "omega": [0.6526**2, 0.2652**2, 0.1339**2],
+    "sigma_add": 0.6912,
+}
+
+
+def test_ode_one_cmt_oral_has_the_closed_form_optimum():
+    """At the closed form's optimum the ODE model's Laplace objective and its gradient equal
+    the closed form's (the optimum: loglik −180.1533, gradient ~0, so the same stationary
+    point)."""
+    pop = load_dataset("theophylline")
+    closed = OneCmtOralModel(error="additive", init=OPTIMUM)
+    ode = OneCmtOralModel(error="additive", init=OPTIMUM)
+    ode.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-8, atol=1e-10)
+    results = []
+    for model in (closed, ode):
+        est = Laplace(model)
+        loss, loglik, gmax = objective_and_gradient(est, pop)
+        grads = torch.cat([p.grad.flatten() for p in trainable(model)])
+        results.append((loglik, gmax, grads))
+    (ll_c, g_c, grad_c), (ll_o, g_o, grad_o) = results
+    assert ll_c == pytest.approx(-180.1533, abs=2e-3)
+    assert ll_o == pytest.approx(ll_c, abs=1e-5)
+    assert g_c < 0.05 and g_o < 0.05
+    torch.testing.assert_close(grad_o, grad_c, rtol=0, atol=1e-4)
+
+
+def test_laplace_gradient_through_the_ode_equals_finite_differences():
+    """Michaelis–Menten two-compartment model on four Theophylline subjects (fixed-step RK4:
+    the discrete solution is smooth in every parameter); directional derivative of the
+    Laplace objective along a random direction of the raw parameters."""
+    pop = load_dataset("theophylline").subset([0, 3, 6, 9])
+    model = TwoCmtMMOralModel(solver={"method": "rk4", "max_step": 0.5})
+    est = Laplace(model, inner={"gtol": 1e-10})
+    params = trainable(model)
+    torch.manual_seed(0)
+    direction = [torch.randn_like(p) for p in params]
+    loss = est.loss(pop)
+    grads = torch.autograd.grad(loss, params)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+    eps = 1e-5
+    values = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(sign * eps * d)
+        values.append(float(est.loss(pop).detach()))
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(sign * eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert float(analytic) == pytest.approx(numeric, rel=1e-5, abs=1e-6)
+
+
+def test_difference_derivatives_equal_autograd():
+    """η-Hessian and FOCEI Jacobians by differences equal reverse mode (closed-form model),
+    and so do the parameter gradients of what is built from them."""
+    pop = load_dataset("theophylline")
+    model = OneCmtOralModel(error="combined", init=OPTIMUM)
+    joint = NegLogJoint(model)
+    eta = 0.3 * torch.randn(len(pop), 3, generator=torch.Generator().manual_seed(1))
+    leaf = eta.clone().requires_grad_(True)
+    nll, grad, hess = joint.exact_hessian(leaf, pop, create_graph=True)
+    f_d, g_d, h_d = difference_hessian(joint, leaf, pop, None, 1e-5, create_graph=True)
+    torch.testing.assert_close(f_d, nll, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_d, grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_d, hess, rtol=1e-7, atol=1e-7)
+    params = trainable(model)
+    exact = torch.autograd.grad(torch.logdet(hess).sum(), params)
+    approx = torch.autograd.grad(torch.logdet(h_d).sum(), params)
+    for a, e in zip(approx, exact, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+    terms, d_mean, d_var = joint.gaussian_jacobians(leaf, pop)
+    terms_d, d_mean_d, d_var_d = joint.gaussian_jacobians_by_differences(leaf, pop, None, 1e-5)
+    torch.testing.assert_close(terms_d.nll, terms.nll, rtol=1e-12, atol=0)
+    torch.testing.assert_close(d_mean_d, d_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(d_var_d, d_var, rtol=1e-7, atol=1e-8)
+
+
+def test_ode_focei_equals_closed_form_focei():
+    """FOCEI through the ODE (expected information by differences) equals the closed form's
+    (reverse mode): objective and gradient at the same parameters."""
+    pop = load_dataset("theophylline")
+    results = []
+    for ode in (False, True):
+        model = OneCmtOralModel(error="additive", init=OPTIMUM)
+        if ode:
+            model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-8, atol=1e-10)
+        loss, loglik, _ = objective_and_gradient(FOCEI(model), pop)
+        results.append((loglik, torch.cat([p.grad.flatten() for p in trainable(model)])))
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-4)
