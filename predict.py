@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from deepnlme import diagnostics
+from deepnlme.inference.pyro.importance import importance_summary
 from deepnlme.training import build, commands
 
 log = logging.getLogger("deepnlme.predict")
@@ -30,6 +31,8 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict:
         **diagnostics.likelihood_summary(fitted.model, evaluation),
         **diagnostics.parameter_summary(fitted.model),
     }
+    if cfg.get("loglik_is", False):
+        results.update(importance_summary(fitted.model, fitted.estimator, evaluation, cfg))
     diagnostics.write_results(output_dir / "results.json", results)
     diagnostics.write_tables(output_dir, [evaluation])
     log.info("loglik %.4f of %d subjects  -> %s", results["loglik"], len(pop), output_dir)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from deepnlme import diagnostics
 from deepnlme.fitted import checkpoint_metadata
+from deepnlme.inference.pyro.importance import importance_summary
 from deepnlme.training import (
     ConvergenceMonitor,
     FitTimer,
@@ -74,6 +75,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
             results["se"] = se
     if heldout_pop is not None:
         results["heldout"] = evaluations[1].metrics()
+    if cfg.get("loglik_is", True):
+        results.update(importance_summary(model, estimator, evaluations[0], cfg))
     diagnostics.write_results(output_dir / "results.json", results)
     diagnostics.write_tables(output_dir, evaluations, model, se=se)
     log.info(
