@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from deepnlme import diagnostics
 from deepnlme.fitted import checkpoint_metadata
 from deepnlme.inference.pyro.importance import importance_summary
+from deepnlme.inference.pyro.vi import NonFiniteObjective
 from deepnlme.training import (
     ConvergenceMonitor,
     FitTimer,
@@ -26,6 +27,7 @@ from deepnlme.training import (
     PopulationDataModule,
     build,
 )
+from deepnlme.training.stochastic import STOCHASTIC, fit_stochastic
 
 log = logging.getLogger("deepnlme.train")
 
@@ -39,21 +41,23 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     model, model_args = build.build_model(cfg.model, dtype)
     build.check_data(model, fit_pop)
     estimator = build.build_estimator(cfg.method, model)
-    outer, iterations_per_epoch = build.outer_options(cfg.method)
-
     names = build.run_names(cfg, model, estimator)
     config = {**build.plain(cfg), "model": model_args}
     metadata = checkpoint_metadata(config, fit_pop.covariate_names, dtype, names)
-    module = NLMEFitModule(estimator, outer, iterations_per_epoch, metadata)
-    monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
-    timer = FitTimer()
-    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer])
-    trainer.fit(
-        module,
-        datamodule=PopulationDataModule(fit_pop, dtype),
-        ckpt_path=cfg.ckpt_path,
-        weights_only=True,
-    )
+    stochastic = getattr(estimator, "fit_style", None) == STOCHASTIC
+    if stochastic:
+        try:
+            trainer, summary = fit_stochastic(
+                build.plain(cfg.method), build.plain(cfg.trainer), estimator, fit_pop,
+                cfg.data.get("batch_subjects"), cfg.seed, dtype, output_dir, metadata,
+                cfg.ckpt_path,
+            )
+        except (NonFiniteObjective, ValueError) as exc:
+            raise build.SetupError(str(exc)) from exc
+        if trainer.global_rank != 0:  # data-parallel fit: rank 0 reports
+            return {}
+    else:
+        summary = _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata)
 
     model.cpu()
     evaluations = [diagnostics.evaluate(model, estimator, fit_pop, "fit")]
@@ -62,12 +66,13 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     results = {
         **names,
         **diagnostics.likelihood_summary(model, evaluations[0]),
-        **monitor.summary(),
-        "fit_seconds": timer.seconds,
+        **summary,
         **diagnostics.parameter_summary(model),
     }
+    if stochastic:
+        results["elbo"] = estimator.elbo_value(fit_pop)
     se = None
-    if cfg.get("se", True):
+    if cfg.get("se", True) and not stochastic:
         se = diagnostics.standard_errors(estimator, fit_pop)
         if se is None:
             log.info("no standard errors: the model has parameters besides θ, Ω and σ")
@@ -85,6 +90,22 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         results["fit_seconds"], output_dir,
     )
     return results
+
+
+def _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata) -> dict:
+    """Full-batch L-BFGS through Lightning; returns the convergence summary and fit time."""
+    outer, iterations_per_epoch = build.outer_options(cfg.method)
+    module = NLMEFitModule(estimator, outer, iterations_per_epoch, metadata)
+    monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
+    timer = FitTimer()
+    trainer = build.build_trainer(cfg.trainer, output_dir, [monitor, timer])
+    trainer.fit(
+        module,
+        datamodule=PopulationDataModule(fit_pop, dtype),
+        ckpt_path=cfg.ckpt_path,
+        weights_only=True,
+    )
+    return {**monitor.summary(), "fit_seconds": timer.seconds}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
