@@ -96,7 +96,8 @@ class SubjectDataModule(pl.LightningDataModule):
                 f"{world} devices"
             )
         sampler = SubjectSampler(len(self.population), self.batch_subjects, self.seed, rank, world)
-        return DataLoader(range(len(self.population)), batch_sampler=sampler, collate_fn=self._collate)
+        positions = range(len(self.population))
+        return DataLoader(positions, batch_sampler=sampler, collate_fn=self._collate)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
         if isinstance(batch, SubjectBatch):

@@ -136,7 +136,8 @@ class VariationalEstimator:
         if not self._vectorized:
             eta = eta[0]
         log_q = dist.MultivariateNormal(loc, scale_tril=scale_tril).log_prob(eta)
-        with pyro.plate("subjects", self.program.n_subjects, subsample=batch.index, dim=SUBJECT_DIM):
+        n = self.program.n_subjects
+        with pyro.plate("subjects", n, subsample=batch.index, dim=SUBJECT_DIM):
             pyro.sample("eta", dist.Delta(eta, log_density=log_q, event_dim=1))
         return eta
 
