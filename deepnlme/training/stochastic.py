@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +38,31 @@ STOCHASTIC = "stochastic"
 
 class SubjectSampler:
     """Batches of subject positions ``0..N-1``: a permutation seeded by ``(seed, epoch)``, cut
-    into global batches of ``batch_size``; rank r of R gets ``batch[r::R]`` of each."""
+    into global batches of ``batch_size``; rank r of R gets ``batch[r::R]`` of each.
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    The epoch is :meth:`set_epoch`'s, or ``epoch_source()`` when given (the trainer's epoch,
+    restored on resume)."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch_source: Callable[[], int] | None = None,
+    ):
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
+        self.epoch_source = epoch_source
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        epoch = self.epoch if self.epoch_source is None else int(self.epoch_source())
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = torch.randperm(self.n, generator=g)
         for start in range(len(self)):
             batch = order[start * self.batch_size : (start + 1) * self.batch_size]
@@ -95,7 +108,10 @@ class SubjectDataModule(pl.LightningDataModule):
                 f"data.batch_subjects={self.batch_subjects} is not divisible by the "
                 f"{world} devices"
             )
-        sampler = SubjectSampler(len(self.population), self.batch_subjects, self.seed, rank, world)
+        sampler = SubjectSampler(
+            len(self.population), self.batch_subjects, self.seed, rank, world,
+            epoch_source=(lambda: trainer.current_epoch) if trainer else None,
+        )
         positions = range(len(self.population))
         return DataLoader(positions, batch_sampler=sampler, collate_fn=self._collate)
 
@@ -197,7 +213,8 @@ def fit_stochastic(
     dtype: torch.dtype,
     output_dir: str | Path,
     metadata: Mapping[str, Any],
-    ckpt_path: str | None = None,
+    ckpt_path: str | Path | None = None,
+    extra_callbacks: list[Callback] | None = None,
 ) -> tuple[pl.Trainer, dict[str, Any]]:
     """Fit ``estimator`` on ``pop`` in minibatches for ``method_cfg["epochs"]`` epochs.
 
@@ -205,8 +222,14 @@ def fit_stochastic(
     objective raises :class:`NonFiniteObjective` (one line for the user).
     """
     quiet_lightning()
-    estimator.setup(pop)
     data = SubjectDataModule(pop, batch_subjects, seed, dtype)
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and data.batch_subjects % devices:
+        raise ValueError(
+            f"data.batch_subjects={data.batch_subjects} is not divisible by the "
+            f"{devices} devices"
+        )
+    estimator.setup(pop)
     epochs = int(method_cfg["epochs"])
     steps_per_epoch = math.ceil(len(pop) / data.batch_subjects)
     module = StochasticFitModule(
@@ -222,7 +245,7 @@ def fit_stochastic(
         every_n_epochs=every,
     )
     monitor, timer = BoundMonitor(), FitTimer()
-    callbacks: list[Callback] = [monitor, timer, checkpoints]
+    callbacks: list[Callback] = [monitor, timer, checkpoints, *(extra_callbacks or [])]
     config = dict(trainer_cfg)
     if config.get("enable_progress_bar", True):
         callbacks.append(FitProgressBar(refresh_rate=max(1, steps_per_epoch * every // 4)))

@@ -94,11 +94,14 @@ class VariationalEstimator:
     def setup(self, pop: Population) -> nn.Module:
         """Create the guide for the fitting population ``pop`` (N subjects); returns it."""
         k = self.model.n_eta
-        if self.guide_kind == "subject":
-            self.guide = SubjectGuide(len(pop), k, self.init_scale)
-        else:
-            self.guide = AmortizedGuide(k, len(pop.covariate_names), self.hidden, self.init_scale)
-            self.guide.fit_normalization(pop)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the encoder's initial weights follow the seed
+            if self.guide_kind == "subject":
+                self.guide = SubjectGuide(len(pop), k, self.init_scale)
+            else:
+                n_cov = len(pop.covariate_names)
+                self.guide = AmortizedGuide(k, n_cov, self.hidden, self.init_scale)
+                self.guide.fit_normalization(pop)
         dtype = pop.obs_time.dtype
         self.guide.to(dtype=dtype, device=pop.device)
         self.program = NLMEProgram(self.model, len(pop))
@@ -146,10 +149,9 @@ class VariationalEstimator:
 
     def loss(self, batch: SubjectBatch) -> Tensor:
         """-bound for a minibatch (scaled to the population), minus the fixed effects' prior."""
-        if self.elbo == "trace":
-            value = self._trace_loss(batch)
-        else:
-            value = self._iwae_loss(batch)
+        # no argument validation: a NaN parameter must reach the finiteness check below
+        with pyro.validation_enabled(False):
+            value = self._trace_loss(batch) if self.elbo == "trace" else self._iwae_loss(batch)
         if not bool(torch.isfinite(value)):
             raise NonFiniteObjective(
                 f"the {self.elbo} objective is not finite at step {self.step} "
@@ -219,7 +221,9 @@ class VariationalEstimator:
             elbo = pyro.infer.Trace_ELBO(
                 num_particles=particles, vectorize_particles=True, max_plate_nesting=1
             )
-            return -float(elbo.differentiable_loss(self.program, self.pyro_guide, whole(pop)))
+            with pyro.validation_enabled(False):
+                loss = elbo.differentiable_loss(self.program, self.pyro_guide, whole(pop))
+            return -float(loss)
         finally:
             self.step = step
 
