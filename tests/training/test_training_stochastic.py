@@ -13,8 +13,25 @@ from deepnlme.data import load_dataset
 from deepnlme.inference.pyro.vi import VariationalEstimator
 from deepnlme.model.zoo.pk import OneCmtOralModel
 from deepnlme.training.stochastic import SubjectSampler, fit_stochastic
-from tests.test_cli import in_process as _in_process_fixture  # noqa: F401 (fixture)
-from tests.test_cli import in_process_error, run, train
+from tests.test_cli import ROOT, in_process_error, run, train
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """train.py's work in this process (overrides composed by Hydra, user errors as exit 1)."""
+    from hydra import compose, initialize_config_dir
+
+    import train as train_module
+    from deepnlme.training import build
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+
+        def train_in_process(run_dir: Path, *overrides: str) -> dict:
+            cfg = compose("train", build.open_init_overrides(list(overrides)))
+            with build.exit_on_user_error():
+                return train_module.train(cfg, run_dir)
+
+        yield train_in_process
 
 TRAINER = {
     "_target_": "lightning.pytorch.Trainer",
