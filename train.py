@@ -44,7 +44,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     names = build.run_names(cfg, model, estimator)
     config = {**build.plain(cfg), "model": model_args}
     metadata = checkpoint_metadata(config, fit_pop.covariate_names, dtype, names)
-    stochastic = getattr(estimator, "fit_style", None) == STOCHASTIC
+    stochastic = getattr(estimator, "fit_style", None) in STOCHASTIC
     if stochastic:
         try:
             trainer, summary = fit_stochastic(
@@ -69,7 +69,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         **summary,
         **diagnostics.parameter_summary(model),
     }
-    if stochastic:
+    if hasattr(estimator, "elbo_value"):
         results["elbo"] = estimator.elbo_value(fit_pop)
     se = None
     if cfg.get("se", True) and not stochastic:

@@ -28,12 +28,14 @@ from torch.utils.data import DataLoader
 from deepnlme.data.population import Population
 from deepnlme.fitted import CHECKPOINT_KEY
 from deepnlme.inference.pyro.program import SubjectBatch
+from deepnlme.inference.pyro.saem import save_convergence_plot
 from deepnlme.inference.pyro.vi import NonFiniteObjective
 from deepnlme.training.build import quiet_lightning
 from deepnlme.training.callbacks import FitProgressBar, FitTimer
+from deepnlme.training.datamodule import PopulationDataModule
 
-#: Methods fitted by :func:`fit_stochastic` rather than full-batch L-BFGS.
-STOCHASTIC = "stochastic"
+#: ``fit_style`` of the estimators fitted by :func:`fit_stochastic` (not full-batch L-BFGS).
+STOCHASTIC = ("stochastic", "saem")
 
 
 class SubjectSampler:
@@ -171,6 +173,36 @@ class StochasticFitModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = self.metadata
 
 
+class SAEMFitModule(pl.LightningModule):
+    """One SAEM iteration per training step (the estimator does its own E- and M-steps).
+
+    Args:
+        estimator: a :class:`~deepnlme.inference.pyro.saem.SAEMEstimator` (set up).
+        metadata: plain data saved in every checkpoint.
+    """
+
+    def __init__(self, estimator: Any, metadata: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.estimator = estimator
+        self.model = estimator.model
+        self.metadata = dict(metadata or {})
+        self._rows: Population | None = None
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch: Population, batch_idx: int) -> None:
+        if self._rows is None:
+            self._rows = self.estimator.chain_rows(batch)
+        record = self.estimator.iterate(self._rows)
+        self.log("q", record["q"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.metadata
+
+
 class BoundMonitor(Callback):
     """Records the bound of the last epoch (mean over its steps) and the number of steps."""
 
@@ -180,9 +212,12 @@ class BoundMonitor(Callback):
         self.n_iter = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.n_iter += 1
+        if isinstance(pl_module, SAEMFitModule):  # the complete-data log-likelihood
+            self.values.append(float(pl_module.estimator.history[-1]["q"]))
+            return
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         self.values.append(-float(loss))
-        self.n_iter = int(trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.values:
@@ -216,29 +251,38 @@ def fit_stochastic(
     ckpt_path: str | Path | None = None,
     extra_callbacks: list[Callback] | None = None,
 ) -> tuple[pl.Trainer, dict[str, Any]]:
-    """Fit ``estimator`` on ``pop`` in minibatches for ``method_cfg["epochs"]`` epochs.
+    """Fit ``estimator`` on ``pop``: in minibatches for ``method_cfg["epochs"]`` epochs (VI),
+    or one full-batch SAEM iteration per epoch (SAEM, then ``saem_convergence.png``).
 
     Returns the trainer and ``{converged, n_iter, stop_reason, fit_seconds}``. A non-finite
     objective raises :class:`NonFiniteObjective` (one line for the user).
     """
     quiet_lightning()
-    data = SubjectDataModule(pop, batch_subjects, seed, dtype)
     devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, int) and data.batch_subjects % devices:
-        raise ValueError(
-            f"data.batch_subjects={data.batch_subjects} is not divisible by the "
-            f"{devices} devices"
+    if estimator.fit_style == "saem":
+        if devices not in (1, "1", None) or trainer_cfg.get("strategy", "auto") != "auto":
+            raise ValueError("method=saem runs on one device (full batch): set trainer.devices=1")
+        estimator.setup(pop)
+        data = PopulationDataModule(pop, dtype)
+        epochs, steps_per_epoch = estimator.n_iterations, 1
+        module = SAEMFitModule(estimator, metadata)
+    else:
+        data = SubjectDataModule(pop, batch_subjects, seed, dtype)
+        if isinstance(devices, int) and data.batch_subjects % devices:
+            raise ValueError(
+                f"data.batch_subjects={data.batch_subjects} is not divisible by the "
+                f"{devices} devices"
+            )
+        estimator.setup(pop)
+        epochs = int(method_cfg["epochs"])
+        steps_per_epoch = math.ceil(len(pop) / data.batch_subjects)
+        module = StochasticFitModule(
+            estimator,
+            float(method_cfg["lr"]),
+            float(method_cfg.get("lr_final", 0.02)),
+            epochs * steps_per_epoch,
+            metadata,
         )
-    estimator.setup(pop)
-    epochs = int(method_cfg["epochs"])
-    steps_per_epoch = math.ceil(len(pop) / data.batch_subjects)
-    module = StochasticFitModule(
-        estimator,
-        float(method_cfg["lr"]),
-        float(method_cfg.get("lr_final", 0.02)),
-        epochs * steps_per_epoch,
-        metadata,
-    )
     every = max(1, math.ceil(int(method_cfg.get("checkpoint_every", 200)) / steps_per_epoch))
     checkpoints = ModelCheckpoint(
         dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0,
@@ -253,12 +297,17 @@ def fit_stochastic(
     trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     trainer.save_checkpoint(Path(output_dir) / "checkpoints" / "last.ckpt")
+    if estimator.fit_style == "saem" and trainer.global_rank == 0:
+        save_convergence_plot(
+            estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
+        )
     return trainer, {**monitor.summary(), "fit_seconds": timer.seconds}
 
 
 __all__ = [
     "BoundMonitor",
     "NonFiniteObjective",
+    "SAEMFitModule",
     "STOCHASTIC",
     "StochasticFitModule",
     "SubjectDataModule",

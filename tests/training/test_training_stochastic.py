@@ -113,6 +113,10 @@ def test_bad_configurations_end_with_one_line(in_process, capsys, tmp_path):
     assert "data.batch_subjects=3 is not divisible by the 2 devices" in line
     line = in_process_error(in_process, capsys, tmp_path, *VI, "model.init.sigma_add=1e-300")
     assert "not finite" in line
+    no_eta = "model._target_=tests.inference.stochastic.test_saem.NoRandomEffects"
+    line = in_process_error(in_process, capsys, tmp_path, "data=theophylline", "method=saem",
+                            no_eta)
+    assert "method=saem needs random effects; NoRandomEffects has none" in line
 
 
 def test_vi_writes_elbo_and_predicts_new_subjects_with_the_encoder(tmp_path, in_process):
