@@ -54,7 +54,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
             )
         except (NonFiniteObjective, ValueError) as exc:
             raise build.SetupError(str(exc)) from exc
-        if trainer.global_rank != 0:  # data-parallel fit: rank 0 reports
+        if trainer is not None and trainer.global_rank != 0:  # data-parallel: rank 0 reports
             return {}
     else:
         summary = _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ from deepnlme.training.callbacks import FitProgressBar, FitTimer
 from deepnlme.training.datamodule import PopulationDataModule
 
 #: ``fit_style`` of the estimators fitted by :func:`fit_stochastic` (not full-batch L-BFGS).
-STOCHASTIC = ("stochastic", "saem")
+STOCHASTIC = ("stochastic", "saem", "nuts")
+#: R-hat below which a NUTS fit is reported converged.
+RHAT_CONVERGED = 1.01
 
 
 class SubjectSampler:
@@ -258,6 +261,8 @@ def fit_stochastic(
     objective raises :class:`NonFiniteObjective` (one line for the user).
     """
     quiet_lightning()
+    if estimator.fit_style == "nuts":
+        return None, _run_nuts(estimator, pop, output_dir, metadata)
     devices = trainer_cfg.get("devices", 1)
     if estimator.fit_style == "saem":
         if devices not in (1, "1", None) or trainer_cfg.get("strategy", "auto") != "auto":
@@ -302,6 +307,38 @@ def fit_stochastic(
             estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
         )
     return trainer, {**monitor.summary(), "fit_seconds": timer.seconds}
+
+
+def _run_nuts(
+    estimator: Any, pop: Population, output_dir: str | Path, metadata: Mapping[str, Any]
+) -> dict[str, Any]:
+    """NUTS chains (no training loop): posterior.csv, trace.png and a checkpoint at the
+    posterior means; returns the summary for results.json (``posterior`` table included)."""
+    import pandas as pd
+
+    from deepnlme.inference.pyro.nuts import save_trace_plot
+
+    out = Path(output_dir)
+    start = time.perf_counter()
+    estimator.run(pop)
+    seconds = time.perf_counter() - start
+    table = estimator.summary()
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame.from_dict(table, orient="index").rename_axis("parameter")
+    frame.to_csv(out / "posterior.csv")
+    save_trace_plot(estimator, out / "trace.png")
+    (out / "checkpoints").mkdir(exist_ok=True)
+    state = {f"model.{k}": v for k, v in estimator.model.state_dict().items()}
+    torch.save({"state_dict": state, CHECKPOINT_KEY: dict(metadata)},
+               out / "checkpoints" / "last.ckpt")
+    rhat = max(row["rhat"] for row in table.values())
+    return {
+        "converged": bool(rhat < RHAT_CONVERGED),
+        "n_iter": estimator.num_chains * (estimator.warmup + estimator.num_samples),
+        "stop_reason": f"{estimator.num_chains} chains sampled (max R-hat {rhat:.4f})",
+        "fit_seconds": seconds,
+        "posterior": table,
+    }
 
 
 __all__ = [
