@@ -63,8 +63,11 @@ class SubjectGuide(nn.Module):
 
 
 class _ElementNet(nn.Sequential):
+    """One layer per set element (observation or dose): its cost grows with N·T, so the
+    depth sits in the head, which runs once per subject."""
+
     def __init__(self, n_in: int, hidden: int):
-        super().__init__(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        super().__init__(nn.Linear(n_in, hidden), nn.SiLU())
 
 
 class AmortizedGuide(nn.Module):
