@@ -214,7 +214,9 @@ class VariationalEstimator:
 
     @torch.no_grad()
     def elbo_value(self, pop: Population, particles: int = 64, seed: int = 1) -> float:
-        """ELBO of all of ``pop`` (the fitted subjects) with ``particles`` draws per subject."""
+        """ELBO of all of ``pop`` (the fitted subjects) with ``particles`` draws per subject
+        (fewer for large populations: at most 200,000 subject draws in one evaluation)."""
+        particles = max(1, min(particles, 200_000 // max(len(pop), 1)))
         step, self.step = self.step, -1 - seed
         self._particles, self._vectorized = particles, True
         try:
