@@ -35,6 +35,10 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict:
         **diagnostics.likelihood_summary(fitted.model, evaluation),
         **diagnostics.parameter_summary(fitted.model),
     }
+    if cfg.get("loglik_is", False):
+        from deepnlme.inference.pyro.importance import importance_summary
+
+        results.update(importance_summary(fitted.model, fitted.estimator, evaluation, cfg))
     se = bool(cfg.get("se", False))
     diagnostics.write_all(output_dir, fitted.estimator, [evaluation], results, options, se)
     log.info("loglik %.4f of %d subjects  -> %s", results["loglik"], len(pop), output_dir)

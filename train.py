@@ -45,6 +45,61 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
     from deepnlme import diagnostics
     from deepnlme.fitted import checkpoint_metadata
+    from deepnlme.training.stochastic import STOCHASTIC
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, model_args = build.build_model(cfg.model, dtype)
+    build.check_data(model, fit_pop)
+    estimator = build.build_estimator(cfg.method, model)
+    names = build.run_names(cfg, model, estimator)
+    config = {**build.plain(cfg), "model": model_args}
+    metadata = checkpoint_metadata(config, fit_pop.covariate_names, dtype, names)
+    stochastic = getattr(estimator, "fit_style", None) in STOCHASTIC
+    if stochastic:
+        summary, trace = _fit_stochastic(cfg, estimator, fit_pop, dtype, output_dir, metadata)
+        if summary is None:  # data-parallel fit: rank 0 reports
+            return {}
+    else:
+        summary, trace = _fit_full_batch(
+            cfg, estimator, fit_pop, dtype, output_dir, metadata, checkpoint
+        )
+
+    model.cpu()
+    evaluations = [diagnostics.evaluate(model, estimator, fit_pop, "fit")]
+    if heldout_pop is not None:
+        evaluations.append(diagnostics.evaluate(model, estimator, heldout_pop, "heldout"))
+    warnings = summary.pop("warnings", [])
+    results = {
+        **names,
+        **diagnostics.likelihood_summary(model, evaluations[0]),
+        **summary,
+        **diagnostics.parameter_summary(model),
+        "warnings": warnings,
+    }
+    if hasattr(estimator, "elbo_value"):
+        results["elbo"] = estimator.elbo_value(fit_pop)
+    for evaluation in evaluations[1:]:
+        results[evaluation.split] = evaluation.metrics()
+    if cfg.get("loglik_is", True):
+        from deepnlme.inference.pyro.importance import importance_summary
+
+        results.update(importance_summary(model, estimator, evaluations[0], cfg))
+    # the covariance step differentiates the objective: not for stochastic objectives
+    se = bool(cfg.get("se", True)) and not stochastic
+    diagnostics.write_all(output_dir, estimator, evaluations, results, options, se, trace)
+    log.info(
+        "loglik %.4f  ofv %.4f  converged %s (%d iterations, %.1f s)  -> %s",
+        results["loglik"], results["ofv"], results["converged"], results["n_iter"],
+        results["fit_seconds"], output_dir,
+    )
+    return results
+
+
+def _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata, checkpoint):
+    """Full-batch L-BFGS through Lightning, stopped cleanly by SIGINT/SIGTERM.
+
+    Returns ``(convergence summary with fit time and warnings, parameter trace table)``.
+    """
     from deepnlme.inference.optimize import convergence_warning
     from deepnlme.training import (
         ConvergenceMonitor,
@@ -52,18 +107,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         NLMEFitModule,
         ParameterTrace,
         PopulationDataModule,
+        build,
     )
     from deepnlme.training.interrupt import StopOnSignal
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, model_args = build.build_model(cfg.model, dtype)
-    build.check_data(model, fit_pop)
-    estimator = build.build_estimator(cfg.method, model)
     outer, iterations_per_epoch = build.outer_options(cfg.method)
-
-    names = build.run_names(cfg, model, estimator)
-    config = {**build.plain(cfg), "model": model_args}
-    metadata = checkpoint_metadata(config, fit_pop.covariate_names, dtype, names)
     module = NLMEFitModule(estimator, outer, iterations_per_epoch, metadata)
     if checkpoint is not None:
         _check_resumable(cfg.ckpt_path, checkpoint, module)
@@ -84,32 +132,38 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
             f"iterations; resume with ckpt_path={last}",
             stop.received,
         )
-
-    model.cpu()
-    evaluations = [diagnostics.evaluate(model, estimator, fit_pop, "fit")]
-    if heldout_pop is not None:
-        evaluations.append(diagnostics.evaluate(model, estimator, heldout_pop, "heldout"))
-    results = {
-        **names,
-        **diagnostics.likelihood_summary(model, evaluations[0]),
-        **monitor.summary(),
-        "fit_seconds": timer.seconds,
-        **diagnostics.parameter_summary(model),
-    }
     not_converged = convergence_warning(
         monitor.converged, monitor.stop_reason, monitor.grad_max, outer.converged_gtol
     )
-    results["warnings"] = [not_converged] if not_converged else []
-    if heldout_pop is not None:
-        results["heldout"] = evaluations[1].metrics()
-    se = bool(cfg.get("se", True))
-    diagnostics.write_all(output_dir, estimator, evaluations, results, options, se, trace.table())
-    log.info(
-        "loglik %.4f  ofv %.4f  converged %s (%d iterations, %.1f s)  -> %s",
-        results["loglik"], results["ofv"], results["converged"], results["n_iter"],
-        results["fit_seconds"], output_dir,
-    )
-    return results
+    summary = {
+        **monitor.summary(),
+        "fit_seconds": timer.seconds,
+        "warnings": [not_converged] if not_converged else [],
+    }
+    return summary, trace.table()
+
+
+def _fit_stochastic(cfg, estimator, fit_pop, dtype, output_dir, metadata):
+    """VI, SAEM or NUTS (:func:`deepnlme.training.stochastic.fit_stochastic`).
+
+    Returns ``(summary, None)``, or ``(None, None)`` on the non-reporting ranks of a
+    data-parallel fit.
+    """
+    from deepnlme.inference.pyro.vi import NonFiniteObjective
+    from deepnlme.training import build
+    from deepnlme.training.stochastic import fit_stochastic
+
+    try:
+        trainer, summary = fit_stochastic(
+            build.plain(cfg.method), build.plain(cfg.trainer), estimator, fit_pop,
+            cfg.data.get("batch_subjects"), cfg.seed, dtype, output_dir, metadata,
+            cfg.ckpt_path,
+        )
+    except (NonFiniteObjective, ValueError) as exc:
+        raise cli.SetupError(str(exc)) from exc
+    if trainer is not None and trainer.global_rank != 0:
+        return None, None
+    return summary, None
 
 
 def _resume_checkpoint(ckpt_path: str | None) -> dict | None:

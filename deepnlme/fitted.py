@@ -286,6 +286,9 @@ class FittedModel:
             trusted_modules=trusted_modules,
             model=model,
         )
+        restore = getattr(estimator, "load_checkpoint_state", None)
+        if restore is not None:  # estimators with state of their own (e.g. a guide)
+            restore(checkpoint["state_dict"])
         names = dict(meta.get("names", {}))
         return cls(model, estimator, config, list(meta["covariate_names"]), dtype, names)
 

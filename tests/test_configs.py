@@ -19,6 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("data", "model", "method", "trainer")
 DATA_KEYS = {"name", "path", "covariates", "heldout_fraction", "split_seed"}
 METHOD_KEYS = {"estimator", "lr", "max_iter", "gtol", "converged_gtol", "iterations_per_epoch"}
+#: Methods fitted by full-batch L-BFGS (the others are in deepnlme.inference.pyro).
+LBFGS_METHODS = {"laplace", "focei", "foce"}
 
 
 def options(group: str) -> list[str]:
@@ -71,8 +73,11 @@ def test_every_combination_composes(hydra_configs, data, model, method, trainer)
     cfg = compose_train(f"data={data}", f"model={model}", f"method={method}", f"trainer={trainer}")
     assert DATA_KEYS <= set(cfg.data)
     assert cfg.model._target_ and "init" in cfg.model and "fixed" in cfg.model
-    assert METHOD_KEYS <= set(cfg.method)
-    assert cfg.method.estimator._target_ == "deepnlme.inference.laplace.LaplaceEstimator"
+    if method in LBFGS_METHODS:
+        assert METHOD_KEYS <= set(cfg.method)
+        assert cfg.method.estimator._target_ == "deepnlme.inference.laplace.LaplaceEstimator"
+    else:
+        assert cfg.method.estimator._target_.startswith("deepnlme.inference.pyro.")
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert cfg.seed is not None and cfg.ckpt_path is None
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -105,6 +110,15 @@ def test_method_configs_build_their_estimator(hydra_configs, method, hessian, in
     options, per_epoch = build.outer_options(cfg.method)
     assert options.max_iter >= per_epoch >= 1
     assert options.gtol < options.converged_gtol
+
+
+@pytest.mark.parametrize("method", sorted(set(options("method")) - LBFGS_METHODS))
+def test_pyro_method_configs_build_their_estimator(hydra_configs, method):
+    cfg = compose_train(f"method={method}")
+    model, _ = build.build_model(cfg.model, torch.float64)
+    estimator = build.build_estimator(cfg.method, model)
+    assert estimator.name == method and estimator.model is model
+    assert estimator.fit_style in ("stochastic", "saem", "nuts")
 
 
 @pytest.mark.parametrize("model", options("model"))

@@ -24,8 +24,9 @@ from deepnlme.data.datasets import DATASETS, load_dataset
 from deepnlme.data.population import Population
 from deepnlme.data.synthetic import synthetic_pk
 
-#: Keys of a data config that describe the train/held-out split, not the source.
-SPLIT_KEYS = ("heldout_fraction", "split_seed")
+#: Keys of a data config that describe the train/held-out split and the minibatches, not the
+#: source.
+SPLIT_KEYS = ("heldout_fraction", "split_seed", "batch_subjects")
 SYNTHETIC = ("synthetic_pk",)
 
 

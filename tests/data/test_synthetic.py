@@ -12,6 +12,7 @@ import yaml
 
 from deepnlme.data.build import load_population
 from deepnlme.data.population import Population
+from deepnlme.data.sources import SPLIT_KEYS
 from deepnlme.data.synthetic import (
     COVARIATES,
     TRUTH,
@@ -191,7 +192,7 @@ def test_data_config_keys_are_synthetic_pk_kwargs():
     cfg = yaml.safe_load((ROOT / "configs" / "data" / "synthetic_pk.yaml").read_text())
     assert cfg["name"] == "synthetic_pk" and cfg["path"] is None
     assert cfg["covariates"] == list(COVARIATES)
-    extra = set(cfg) - {"name", "path", "covariates", "heldout_fraction", "split_seed"}
+    extra = set(cfg) - {"name", "path", "covariates", *SPLIT_KEYS}
     assert extra <= set(inspect.signature(synthetic_pk).parameters) - {"dtype"}
     pop = synthetic_pk(**{k: cfg[k] for k in extra})
     assert len(pop) == cfg["n_subjects"]

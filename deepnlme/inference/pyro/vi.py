@@ -1,0 +1,233 @@
+"""Stochastic variational inference for NLME models (plain torch/Pyro, no Lightning).
+
+The model runs as a Pyro program (:class:`~deepnlme.inference.pyro.program.NLMEProgram`);
+the guide q(η_i) is per subject or amortized (:mod:`deepnlme.inference.pyro.guides`). The loss
+of a minibatch is -ELBO (``elbo="trace"``: Pyro's ``Trace_ELBO`` with ``num_particles``
+vectorized particles) or minus the importance-weighted bound of each subject
+(``elbo="iwae"``: Σ_i log mean_p w_ip with ``num_particles`` draws, a tighter bound), scaled
+N / B by the subjects plate. The fixed effects (θ, Ω, σ, network weights) are the model's own
+parameters, optimized together with the guide's by any torch optimizer.
+
+Reparameterization noise comes from a generator seeded by (seed, step): the draw of subject
+i at step s is the same whichever process or batch evaluates it, so data-parallel runs
+follow the single-process trajectory exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+
+from deepnlme.data.population import Population
+from deepnlme.inference.pyro.guides import AmortizedGuide, SubjectGuide
+from deepnlme.inference.pyro.importance import importance_loglik, mode_proposal
+from deepnlme.inference.pyro.program import SUBJECT_DIM, NLMEProgram, SubjectBatch, whole
+from deepnlme.model.base import NLMEModel
+
+GUIDES = ("subject", "amortized")
+ELBOS = ("trace", "iwae")
+
+
+class NonFiniteObjective(ArithmeticError):
+    """The variational objective became NaN or infinite."""
+
+
+class VariationalEstimator:
+    """Variational fit of ``model``: ``loss(batch)`` to minimize, q(η) for diagnostics.
+
+    Args:
+        model: an NLMEModel with random effects.
+        guide: ``"subject"`` or ``"amortized"``.
+        elbo: ``"trace"`` (ELBO) or ``"iwae"`` (importance-weighted bound per subject).
+        num_particles: draws of η per subject and step.
+        hidden: width of the amortized encoder's layers.
+        init_scale: initial SD of q(η_i).
+        seed: seed of the reparameterization noise.
+        is_samples: importance samples per subject for :meth:`subject_loglik`.
+        name: method name in reports.
+    """
+
+    fit_style = "stochastic"
+
+    def __init__(
+        self,
+        model: NLMEModel,
+        guide: str = "subject",
+        elbo: str = "trace",
+        num_particles: int = 1,
+        hidden: int = 64,
+        init_scale: float = 0.1,
+        seed: int = 0,
+        is_samples: int = 500,
+        name: str = "vi",
+    ):
+        if guide not in GUIDES:
+            raise ValueError(f"unknown guide {guide!r}; method.guide must be one of {GUIDES}")
+        if elbo not in ELBOS:
+            raise ValueError(f"unknown elbo {elbo!r}; method.elbo must be one of {ELBOS}")
+        if int(num_particles) < 1:
+            raise ValueError(f"method.num_particles must be >= 1, got {num_particles}")
+        if model.n_eta == 0:
+            raise ValueError(
+                f"method={name} needs random effects; {type(model).__name__} has none"
+            )
+        self.model = model
+        self.guide_kind = guide
+        self.elbo = elbo
+        self.num_particles = int(num_particles)
+        self.hidden = int(hidden)
+        self.init_scale = float(init_scale)
+        self.seed = int(seed)
+        self.is_samples = int(is_samples)
+        self.name = name
+        self.guide: nn.Module | None = None
+        self.program: NLMEProgram | None = None
+        self.step = 0  # set by the training loop: selects the reparameterization noise
+        self.fit_ids: list[str] | None = None
+
+    # --------------------------------------------------------------------------- set-up
+    def setup(self, pop: Population) -> nn.Module:
+        """Create the guide for the fitting population ``pop`` (N subjects); returns it."""
+        k = self.model.n_eta
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the encoder's initial weights follow the seed
+            if self.guide_kind == "subject":
+                self.guide = SubjectGuide(len(pop), k, self.init_scale)
+            else:
+                n_cov = len(pop.covariate_names)
+                self.guide = AmortizedGuide(k, n_cov, self.hidden, self.init_scale)
+                self.guide.fit_normalization(pop)
+        dtype = pop.obs_time.dtype
+        self.guide.to(dtype=dtype, device=pop.device)
+        self.program = NLMEProgram(self.model, len(pop))
+        self.fit_ids = list(pop.ids)
+        return self.guide
+
+    def load_checkpoint_state(self, state_dict: dict[str, Tensor], prefix: str = "guide.") -> None:
+        """Rebuild the guide from a checkpoint's ``state_dict`` (keys ``guide.*``)."""
+        state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if self.guide_kind == "subject":
+            n, k = state["loc"].shape
+            self.guide = SubjectGuide(n, k)
+        else:
+            n_cov = state["cov_center"].shape[0]
+            self.guide = AmortizedGuide(self.model.n_eta, n_cov, self.hidden)
+        dtype = next(iter(self.model.parameters())).dtype
+        self.guide.to(dtype=dtype)
+        self.guide.load_state_dict(state)
+
+    # ---------------------------------------------------------------------- the objective
+    def _noise(self, batch: SubjectBatch, particles: int) -> Tensor:
+        """Standard normal draws ``(particles, B, K)`` fixed by (seed, step, subject)."""
+        n = self.program.n_subjects
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.step))
+        dtype = batch.pop.obs_time.dtype
+        eps = torch.randn(particles, n, self.model.n_eta, generator=g, dtype=dtype)
+        return eps[:, batch.index.cpu()].to(batch.pop.device)
+
+    def pyro_guide(self, batch: SubjectBatch) -> Tensor:
+        """The guide as a Pyro program: η_i = loc_i + L_i ε_i at site ``eta``."""
+        loc, scale_tril = self.guide.posterior(batch)
+        particles = self._particles
+        eps = self._noise(batch, particles)
+        eta = loc + torch.einsum("bkj,pbj->pbk", scale_tril, eps)
+        if not self._vectorized:
+            eta = eta[0]
+        log_q = dist.MultivariateNormal(loc, scale_tril=scale_tril).log_prob(eta)
+        n = self.program.n_subjects
+        with pyro.plate("subjects", n, subsample=batch.index, dim=SUBJECT_DIM):
+            pyro.sample("eta", dist.Delta(eta, log_density=log_q, event_dim=1))
+        return eta
+
+    _particles = 1
+    _vectorized = False
+
+    def loss(self, batch: SubjectBatch) -> Tensor:
+        """-bound for a minibatch (scaled to the population), minus the fixed effects' prior."""
+        # no argument validation: a NaN parameter must reach the finiteness check below
+        with pyro.validation_enabled(False):
+            value = self._trace_loss(batch) if self.elbo == "trace" else self._iwae_loss(batch)
+        if not bool(torch.isfinite(value)):
+            raise NonFiniteObjective(
+                f"the {self.elbo} objective is not finite at step {self.step} "
+                "(lower method.lr, or check initial estimates)"
+            )
+        return value
+
+    def _trace_loss(self, batch: SubjectBatch) -> Tensor:
+        self._particles, self._vectorized = self.num_particles, self.num_particles > 1
+        elbo = pyro.infer.Trace_ELBO(
+            num_particles=self.num_particles,
+            vectorize_particles=self.num_particles > 1,
+            max_plate_nesting=1,
+        )
+        return elbo.differentiable_loss(self.program, self.pyro_guide, batch)
+
+    def _iwae_loss(self, batch: SubjectBatch) -> Tensor:
+        """-(N/B) Σ_i log mean_p exp(log p(y_i, η_ip) - log q(η_ip)) - log prior(θ)."""
+        self._particles, self._vectorized = self.num_particles, True
+        with pyro.plate("particles", self.num_particles, dim=-2):
+            guide_trace = poutine.trace(self.pyro_guide).get_trace(batch)
+            model_trace = poutine.trace(
+                poutine.replay(self.program, trace=guide_trace)
+            ).get_trace(batch)
+        log_w = -guide_trace.nodes["eta"]["fn"].log_prob(guide_trace.nodes["eta"]["value"])
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and name != "log_prior":
+                log_w = log_w + site["fn"].log_prob(site["value"])
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)  # (B,)
+        scale = self.program.n_subjects / len(batch.index)
+        return -(scale * bound.sum() + self.model.log_prior())
+
+    # ------------------------------------------------------------------- diagnostics
+    def _is_fitted(self, pop: Population) -> bool:
+        return self.fit_ids is not None and list(pop.ids) == self.fit_ids
+
+    def posterior(self, pop: Population) -> tuple[Tensor, Tensor]:
+        """q(η_i) ``(loc (N, K), scale_tril (N, K, K))`` for ``pop``'s subjects: the encoder's
+        output (any subjects), the per-subject guide's (the fitted subjects), else the Laplace
+        approximation at each subject's mode (new subjects with a per-subject guide)."""
+        if isinstance(self.guide, AmortizedGuide) or (
+            self.guide is not None and self._is_fitted(pop)
+        ):
+            with torch.no_grad():
+                loc, scale_tril = self.guide.posterior(whole(pop))
+            return loc.detach(), scale_tril.detach()
+        return mode_proposal(self.model, pop)
+
+    def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
+        """log p(y_i) ``(N,)`` by importance sampling from q(η_i) (``is_samples`` draws)."""
+        loc, scale_tril = self.posterior(pop)
+        result = importance_loglik(
+            self.model, pop, loc, scale_tril, self.is_samples, seed=self.seed
+        )
+        return result.subject_loglik
+
+    def modes(self, pop: Population, warm_start: bool = True) -> Tensor:
+        """Posterior means of q(η_i) ``(N, K)`` (the EBEs of a variational fit)."""
+        return self.posterior(pop)[0]
+
+    @torch.no_grad()
+    def elbo_value(self, pop: Population, particles: int = 64, seed: int = 1) -> float:
+        """ELBO of all of ``pop`` (the fitted subjects) with ``particles`` draws per subject
+        (fewer for large populations: at most 200,000 subject draws in one evaluation)."""
+        particles = max(1, min(particles, 200_000 // max(len(pop), 1)))
+        step, self.step = self.step, -1 - seed
+        self._particles, self._vectorized = particles, True
+        try:
+            elbo = pyro.infer.Trace_ELBO(
+                num_particles=particles, vectorize_particles=True, max_plate_nesting=1
+            )
+            with pyro.validation_enabled(False):
+                loss = elbo.differentiable_loss(self.program, self.pyro_guide, whole(pop))
+            return -float(loss)
+        finally:
+            self.step = step
+
+    def reset(self) -> None:
+        """Nothing to forget (q(η) is a function of the data)."""

@@ -1,0 +1,353 @@
+"""Minibatch training of stochastic estimators (VI) through Lightning (orchestration only).
+
+* :class:`SubjectSampler`: seeded shuffling of subject positions each epoch, cut into global
+  batches of ``batch_subjects``; in data-parallel runs each rank takes its own disjoint slice
+  of every global batch (so the union over ranks is the single-process batch).
+* :class:`SubjectDataModule`: a DataLoader of :class:`SubjectBatch` es (positions + subjects).
+* :class:`StochasticFitModule`: Adam with a cosine learning-rate schedule on the estimator's
+  ``loss(batch)``; the guide is a submodule, so checkpoints hold guide, model, optimizer and
+  schedule; the reparameterization noise is chosen by the global step, so a resumed fit
+  follows the uninterrupted trajectory.
+* :func:`fit_stochastic`: builds and runs the trainer for ``train.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from deepnlme.data.population import Population
+from deepnlme.fitted import CHECKPOINT_KEY
+from deepnlme.inference.pyro.program import SubjectBatch
+from deepnlme.inference.pyro.saem import save_convergence_plot
+from deepnlme.inference.pyro.vi import NonFiniteObjective
+from deepnlme.training.build import quiet_lightning
+from deepnlme.training.callbacks import FitProgressBar, FitTimer
+from deepnlme.training.datamodule import PopulationDataModule
+
+#: ``fit_style`` of the estimators fitted by :func:`fit_stochastic` (not full-batch L-BFGS).
+STOCHASTIC = ("stochastic", "saem", "nuts")
+#: R-hat below which a NUTS fit is reported converged.
+RHAT_CONVERGED = 1.01
+
+
+class SubjectSampler:
+    """Batches of subject positions ``0..N-1``: a permutation seeded by ``(seed, epoch)``, cut
+    into global batches of ``batch_size``; rank r of R gets ``batch[r::R]`` of each.
+
+    The epoch is :meth:`set_epoch`'s, or ``epoch_source()`` when given (the trainer's epoch,
+    restored on resume)."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch_source: Callable[[], int] | None = None,
+    ):
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+        self.epoch_source = epoch_source
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch if self.epoch_source is None else int(self.epoch_source())
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        order = torch.randperm(self.n, generator=g)
+        for start in range(len(self)):
+            batch = order[start * self.batch_size : (start + 1) * self.batch_size]
+            yield batch[self.rank :: self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+class SubjectDataModule(pl.LightningDataModule):
+    """Minibatches of ``batch_subjects`` subjects of ``population`` (all when None).
+
+    Args:
+        population: the subjects to fit (tensors stay on the CPU here).
+        batch_subjects: global batch size (subjects per step, over all ranks).
+        seed: shuffling seed.
+        dtype: floating dtype of the batches on the device.
+    """
+
+    def __init__(
+        self,
+        population: Population,
+        batch_subjects: int | None,
+        seed: int,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.population = population
+        n = len(population)
+        self.batch_subjects = min(int(batch_subjects or n), n)
+        self.seed = int(seed)
+        self.dtype = dtype
+
+    def _collate(self, positions: list[int]) -> SubjectBatch:
+        index = torch.as_tensor(positions, dtype=torch.long)
+        return SubjectBatch(index, self.population.subset(index))
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if self.batch_subjects % world:
+            raise ValueError(
+                f"data.batch_subjects={self.batch_subjects} is not divisible by the "
+                f"{world} devices"
+            )
+        sampler = SubjectSampler(
+            len(self.population), self.batch_subjects, self.seed, rank, world,
+            epoch_source=(lambda: trainer.current_epoch) if trainer else None,
+        )
+        positions = range(len(self.population))
+        return DataLoader(positions, batch_sampler=sampler, collate_fn=self._collate)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, SubjectBatch):
+            return batch.to(device, dtype=self.dtype)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class StochasticFitModule(pl.LightningModule):
+    """Minimizes ``estimator.loss(batch)`` over the model's and the guide's parameters.
+
+    Args:
+        estimator: object with ``model``, ``guide`` (an ``nn.Module``), ``step`` and
+            ``loss(batch) -> scalar``.
+        lr: Adam learning rate at the start.
+        lr_final: fraction of ``lr`` reached at the end of the cosine schedule.
+        total_steps: optimizer steps of the whole fit (length of the schedule).
+        n_subjects: N, to report the bound per population.
+        metadata: plain data saved in every checkpoint (see ``deepnlme.fitted``).
+    """
+
+    def __init__(
+        self,
+        estimator: Any,
+        lr: float,
+        lr_final: float,
+        total_steps: int,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.estimator = estimator
+        self.model = estimator.model
+        self.guide = estimator.guide
+        self.lr, self.lr_final, self.total_steps = float(lr), float(lr_final), int(total_steps)
+        self.metadata = dict(metadata or {})
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        total, final = max(self.total_steps, 1), self.lr_final
+
+        def factor(step: int) -> float:
+            return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch: SubjectBatch, batch_idx: int) -> Tensor:
+        self.estimator.step = int(self.global_step)
+        loss = self.estimator.loss(batch)
+        self.log("elbo", -loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=len(batch.index))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.metadata
+
+
+class SAEMFitModule(pl.LightningModule):
+    """One SAEM iteration per training step (the estimator does its own E- and M-steps).
+
+    Args:
+        estimator: a :class:`~deepnlme.inference.pyro.saem.SAEMEstimator` (set up).
+        metadata: plain data saved in every checkpoint.
+    """
+
+    def __init__(self, estimator: Any, metadata: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.estimator = estimator
+        self.model = estimator.model
+        self.metadata = dict(metadata or {})
+        self._rows: Population | None = None
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch: Population, batch_idx: int) -> None:
+        if self._rows is None:
+            self._rows = self.estimator.chain_rows(batch)
+        record = self.estimator.iterate(self._rows)
+        self.log("q", record["q"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.metadata
+
+
+class BoundMonitor(Callback):
+    """Records the bound of the last epoch (mean over its steps) and the number of steps."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.elbo = -math.inf
+        self.n_iter = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.n_iter += 1
+        if isinstance(pl_module, SAEMFitModule):  # the complete-data log-likelihood
+            self.values.append(float(pl_module.estimator.history[-1]["q"]))
+            return
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        self.values.append(-float(loss))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.values:
+            self.elbo = sum(self.values) / len(self.values)
+        self.values = []
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "converged": math.isfinite(self.elbo),
+            "n_iter": self.n_iter,
+            "stop_reason": "schedule completed",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elbo": self.elbo, "n_iter": self.n_iter}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.elbo, self.n_iter = state_dict["elbo"], state_dict["n_iter"]
+
+
+def fit_stochastic(
+    method_cfg: Mapping[str, Any],
+    trainer_cfg: Mapping[str, Any],
+    estimator: Any,
+    pop: Population,
+    batch_subjects: int | None,
+    seed: int,
+    dtype: torch.dtype,
+    output_dir: str | Path,
+    metadata: Mapping[str, Any],
+    ckpt_path: str | Path | None = None,
+    extra_callbacks: list[Callback] | None = None,
+) -> tuple[pl.Trainer, dict[str, Any]]:
+    """Fit ``estimator`` on ``pop``: in minibatches for ``method_cfg["epochs"]`` epochs (VI),
+    or one full-batch SAEM iteration per epoch (SAEM, then ``saem_convergence.png``).
+
+    Returns the trainer and ``{converged, n_iter, stop_reason, fit_seconds}``. A non-finite
+    objective raises :class:`NonFiniteObjective` (one line for the user).
+    """
+    quiet_lightning()
+    if estimator.fit_style == "nuts":
+        return None, _run_nuts(estimator, pop, output_dir, metadata)
+    devices = trainer_cfg.get("devices", 1)
+    if estimator.fit_style == "saem":
+        if devices not in (1, "1", None) or trainer_cfg.get("strategy", "auto") != "auto":
+            raise ValueError("method=saem runs on one device (full batch): set trainer.devices=1")
+        estimator.setup(pop)
+        data = PopulationDataModule(pop, dtype)
+        epochs, steps_per_epoch = estimator.n_iterations, 1
+        module = SAEMFitModule(estimator, metadata)
+    else:
+        data = SubjectDataModule(pop, batch_subjects, seed, dtype)
+        if isinstance(devices, int) and data.batch_subjects % devices:
+            raise ValueError(
+                f"data.batch_subjects={data.batch_subjects} is not divisible by the "
+                f"{devices} devices"
+            )
+        estimator.setup(pop)
+        epochs = int(method_cfg["epochs"])
+        steps_per_epoch = math.ceil(len(pop) / data.batch_subjects)
+        module = StochasticFitModule(
+            estimator,
+            float(method_cfg["lr"]),
+            float(method_cfg.get("lr_final", 0.02)),
+            epochs * steps_per_epoch,
+            metadata,
+        )
+    every = max(1, math.ceil(int(method_cfg.get("checkpoint_every", 200)) / steps_per_epoch))
+    checkpoints = ModelCheckpoint(
+        dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0,
+        every_n_epochs=every,
+    )
+    monitor, timer = BoundMonitor(), FitTimer()
+    callbacks: list[Callback] = [monitor, timer, checkpoints, *(extra_callbacks or [])]
+    config = dict(trainer_cfg)
+    if config.get("enable_progress_bar", True):
+        callbacks.append(FitProgressBar(refresh_rate=max(1, steps_per_epoch * every // 4)))
+    config.update(max_epochs=epochs, use_distributed_sampler=False, log_every_n_steps=50)
+    trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    trainer.save_checkpoint(Path(output_dir) / "checkpoints" / "last.ckpt")
+    if estimator.fit_style == "saem" and trainer.global_rank == 0:
+        save_convergence_plot(
+            estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
+        )
+    return trainer, {**monitor.summary(), "fit_seconds": timer.seconds}
+
+
+def _run_nuts(
+    estimator: Any, pop: Population, output_dir: str | Path, metadata: Mapping[str, Any]
+) -> dict[str, Any]:
+    """NUTS chains (no training loop): posterior.csv, trace.png and a checkpoint at the
+    posterior means; returns the summary for results.json (``posterior`` table included)."""
+    import pandas as pd
+
+    from deepnlme.inference.pyro.nuts import save_trace_plot
+
+    out = Path(output_dir)
+    start = time.perf_counter()
+    estimator.run(pop)
+    seconds = time.perf_counter() - start
+    table = estimator.summary()
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame.from_dict(table, orient="index").rename_axis("parameter")
+    frame.to_csv(out / "posterior.csv")
+    save_trace_plot(estimator, out / "trace.png")
+    (out / "checkpoints").mkdir(exist_ok=True)
+    state = {f"model.{k}": v for k, v in estimator.model.state_dict().items()}
+    torch.save({"state_dict": state, CHECKPOINT_KEY: dict(metadata)},
+               out / "checkpoints" / "last.ckpt")
+    rhat = max(row["rhat"] for row in table.values())
+    return {
+        "converged": bool(rhat < RHAT_CONVERGED),
+        "n_iter": estimator.num_chains * (estimator.warmup + estimator.num_samples),
+        "stop_reason": f"{estimator.num_chains} chains sampled (max R-hat {rhat:.4f})",
+        "fit_seconds": seconds,
+        "posterior": table,
+    }
+
+
+__all__ = [
+    "BoundMonitor",
+    "NonFiniteObjective",
+    "SAEMFitModule",
+    "STOCHASTIC",
+    "StochasticFitModule",
+    "SubjectDataModule",
+    "SubjectSampler",
+    "fit_stochastic",
+]

@@ -1,0 +1,161 @@
+"""Amortized VI at scale, and EBEs by the encoder vs by Laplace mode-finding.
+
+1. Fits the main job's model (``NeuralPKModel`` on the synthetic PK design, configs/model/
+   neural_pk.yaml settings) by VI with the amortized guide on ``--n-subjects`` synthetic
+   subjects (20% held out), minibatches of ``--batch`` subjects, Adam: time per epoch and peak
+   memory (CUDA allocator on GPU, process max RSS on CPU).
+2. Held-out subjects: IPRED RMSE at the encoder's q(η) means vs at the Laplace modes η̂ (same
+   fitted parameters).
+3. ``--n-new`` new subjects: EBEs by one encoder forward pass vs by Laplace mode-finding from
+   η = 0 (``find_modes``): wall times, their ratio, and the IPRED agreement
+   (RMS difference of the two IPREDs relative to the RMS of the Laplace IPRED).
+
+    PYTHONPATH=. python scripts/benchmark_amortized.py --n-subjects 10000 --epochs 3
+    PYTHONPATH=. python scripts/benchmark_amortized.py --n-subjects 100000 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import time
+
+import torch
+
+from deepnlme.data.split import split_heldout
+from deepnlme.data.synthetic import COVARIATES, synthetic_pk
+from deepnlme.diagnostics.predictions import predict, rmse
+from deepnlme.inference.inner import InnerOptions, find_modes
+from deepnlme.inference.joint import NegLogJoint
+from deepnlme.inference.pyro.program import whole
+from deepnlme.inference.pyro.vi import VariationalEstimator
+from deepnlme.model.zoo.neural import NeuralPKModel
+from deepnlme.training.stochastic import SubjectSampler
+
+NEURAL_PK = {  # configs/model/neural_pk.yaml
+    "covariates": list(COVARIATES),
+    "hidden": [8],
+    "weight_decay": 15.0,
+    "eta_weight_decay": 100.0,
+    "error": "proportional",
+}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def laplace_modes(model, pop) -> torch.Tensor:
+    start = pop.obs_time.new_zeros(len(pop), model.n_eta)
+    with torch.no_grad():
+        return find_modes(NegLogJoint(model), start, pop, options=InnerOptions(gtol=1e-6)).eta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-subjects", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--n-new", type=int, default=10_000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    device = torch.device(args.device)
+
+    pop = synthetic_pk(n_subjects=args.n_subjects, seed=args.seed)
+    fit_pop, held = split_heldout(pop, 0.2, args.seed)
+    fit_pop, held = fit_pop.to(device), held.to(device)
+    model = NeuralPKModel(**NEURAL_PK).to(device)
+    est = VariationalEstimator(model, guide="amortized", seed=args.seed)
+    guide = est.setup(fit_pop)
+    params = [p for p in [*model.parameters(), *guide.parameters()] if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    sampler = SubjectSampler(len(fit_pop), args.batch, args.seed)
+    steps_per_epoch = len(sampler)
+    total = args.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / total, 1)))
+    )
+    epoch_seconds = []
+    step = 0
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        synchronize(device)
+        start = time.perf_counter()
+        for positions in sampler:
+            index = torch.as_tensor(positions, device=device)
+            batch = whole(fit_pop.subset(index))._replace(index=index)
+            est.step = step
+            optimizer.zero_grad()
+            loss = est.loss(batch)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+        synchronize(device)
+        epoch_seconds.append(time.perf_counter() - start)
+        per_subject = float(loss.detach()) / len(fit_pop)
+        print(f"epoch {epoch}: {epoch_seconds[-1]:.2f} s, -ELBO/N {per_subject:.4f}", flush=True)
+
+    with torch.no_grad():
+        enc_eta = est.posterior(held)[0]
+    lap_eta = laplace_modes(model, held)
+    rmse_encoder = rmse(predict(model, held, enc_eta).ipred, held)
+    rmse_laplace = rmse(predict(model, held, lap_eta).ipred, held)
+
+    new = synthetic_pk(n_subjects=args.n_new, seed=args.seed + 1).to(device)
+    with torch.no_grad():
+        guide.encode(new.subset(torch.arange(min(100, len(new)), device=device)))  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        enc_new = guide.encode(new)[0]
+        synchronize(device)
+        t_encoder = time.perf_counter() - start
+    start = time.perf_counter()
+    lap_new = laplace_modes(model, new)
+    synchronize(device)
+    t_laplace = time.perf_counter() - start
+    ipred_enc = predict(model, new, enc_new).ipred
+    ipred_lap = predict(model, new, lap_new).ipred
+    mask = new.obs_mask
+    diff = ((ipred_enc - ipred_lap)[mask] ** 2).mean().sqrt()
+    scale = (ipred_lap[mask] ** 2).mean().sqrt()
+    report = {
+        "n_subjects": args.n_subjects,
+        "n_fit": len(fit_pop),
+        "n_heldout": len(held),
+        "device": str(device),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "steps_per_epoch": steps_per_epoch,
+        "seconds_per_epoch": epoch_seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+        "heldout_rmse_ipred_encoder": rmse_encoder,
+        "heldout_rmse_ipred_laplace": rmse_laplace,
+        "heldout_rmse_ratio": rmse_encoder / rmse_laplace,
+        "n_new": args.n_new,
+        "ebe_seconds_encoder": t_encoder,
+        "ebe_seconds_laplace": t_laplace,
+        "ebe_speedup": t_laplace / t_encoder,
+        "ipred_relative_rms_difference": float(diff / scale),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Minibatch training (method=vi) through Lightning: sampling, resuming, data parallelism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from deepnlme.data import load_dataset
+from deepnlme.inference.pyro.vi import VariationalEstimator
+from deepnlme.model.zoo.pk import OneCmtOralModel
+from deepnlme.training.stochastic import SubjectSampler, fit_stochastic
+from tests.test_cli import ROOT, in_process_error, run, train
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """train.py's work in this process (overrides composed by Hydra, user errors as exit 1)."""
+    from hydra import compose, initialize_config_dir
+
+    import train as train_module
+    from deepnlme.training import build
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+
+        def train_in_process(run_dir: Path, *overrides: str) -> dict:
+            cfg = compose("train", build.open_init_overrides(list(overrides)))
+            with build.exit_on_user_error():
+                return train_module.train(cfg, run_dir)
+
+        yield train_in_process
+
+TRAINER = {
+    "_target_": "lightning.pytorch.Trainer",
+    "accelerator": "cpu",
+    "devices": 1,
+    "precision": "64-true",
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "logger": False,
+}
+METHOD = {"epochs": 4, "lr": 0.05, "lr_final": 0.1, "checkpoint_every": 1000}
+
+
+def test_sampler_ranks_split_each_global_batch():
+    single = list(SubjectSampler(10, 4, seed=3))
+    ranks = [list(SubjectSampler(10, 4, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(b) for b in single] == [4, 4, 2]
+    for whole, a, b in zip(single, *ranks, strict=True):
+        assert not set(a) & set(b)
+        assert sorted(a + b) == sorted(whole)
+    again = SubjectSampler(10, 4, seed=3)
+    assert list(again) == single
+    again.set_epoch(1)
+    assert list(again) != single
+    assert sorted(i for b in again for i in b) == list(range(10))
+
+
+class StopAfter(Callback):
+    """Stops the fit after ``epochs`` epochs (a killed run)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def fit(out: Path, ckpt_path=None, callbacks=()):
+    pop = load_dataset("theophylline")
+    model = OneCmtOralModel()
+    est = VariationalEstimator(model, guide="amortized", hidden=16, seed=5)
+    fit_stochastic(
+        METHOD, TRAINER, est, pop, 4, 7, torch.float64, out, {}, ckpt_path, list(callbacks)
+    )
+    return torch.cat([p.detach().flatten() for p in [*model.parameters(), *est.guide.parameters()]])
+
+
+def test_killed_fit_resumes_on_the_same_trajectory(tmp_path):
+    straight = fit(tmp_path / "a")
+    fit(tmp_path / "b", callbacks=[StopAfter(2)])
+    resumed = fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert not torch.equal(straight, fit(tmp_path / "d", callbacks=[StopAfter(2)]))
+    assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
+
+
+VI = ("model=one_cmt_oral", "data=theophylline", "method=vi", "loglik_is=false",
+      "data.batch_subjects=4", "method.epochs=2", "trainer.enable_progress_bar=false")
+
+
+def test_two_processes_match_one(tmp_path, in_process):
+    """trainer.devices=2 strategy=ddp (gloo on CPU): each rank takes half of each global batch
+    of 4 subjects; after the same 6 steps the parameters equal the single-process fit's."""
+    one = in_process(tmp_path / "one", *VI)
+    two = train(tmp_path / "two", *VI, "trainer.devices=2", "trainer.strategy=ddp")
+    assert two["n_iter"] == one["n_iter"] == 6
+    for name, value in one["params"].items():
+        assert torch.allclose(
+            torch.tensor(two["params"][name]), torch.tensor(value), rtol=1e-9, atol=0
+        ), name
+    assert one["params"]["tvka"] != pytest.approx(1.0, rel=1e-3)  # the fit moved
+
+
+def test_bad_configurations_end_with_one_line(in_process, capsys, tmp_path):
+    line = in_process_error(in_process, capsys, tmp_path, *VI, "method.guide=flow")
+    assert "unknown guide 'flow'" in line
+    line = in_process_error(in_process, capsys, tmp_path, *VI, "data.batch_subjects=3",
+                            "trainer.devices=2", "trainer.strategy=ddp")
+    assert "data.batch_subjects=3 is not divisible by the 2 devices" in line
+    line = in_process_error(in_process, capsys, tmp_path, *VI, "model.init.sigma_add=1e-300")
+    assert "not finite" in line
+    no_eta = "model._target_=tests.inference.stochastic.test_saem.NoRandomEffects"
+    line = in_process_error(in_process, capsys, tmp_path, "data=theophylline", "method=saem",
+                            no_eta)
+    assert "method=saem needs random effects; NoRandomEffects has none" in line
+
+
+def test_vi_writes_elbo_and_predicts_new_subjects_with_the_encoder(tmp_path, in_process):
+    results = in_process(tmp_path / "fit", *VI[:3], "method.guide=amortized", "method.epochs=40",
+                    "loglik_is_samples=200", "trainer.enable_progress_bar=false")
+    assert results["elbo"] <= results["loglik_is"] + 4 * results["loglik_is_se"]
+    ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    proc = run("predict.py", f"ckpt_path={ckpt}", "loglik_is=true", "seed=12345",
+               "loglik_is_samples=200", f"hydra.run.dir={tmp_path / 'pred'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pred = json.loads((tmp_path / "pred" / "results.json").read_text())
+    # the encoder travelled in the checkpoint: same q(η), same draws, same estimate
+    assert pred["loglik_is"] == pytest.approx(results["loglik_is"], abs=1e-8)
+    import pandas as pd
+
+    fit_ebes = pd.read_csv(tmp_path / "fit" / "ebes.csv")
+    new_ebes = pd.read_csv(tmp_path / "pred" / "ebes.csv")
+    assert new_ebes["eta_cl"].to_numpy() == pytest.approx(fit_ebes["eta_cl"].to_numpy())
