@@ -109,6 +109,59 @@ def build_structure(
     )
 
 
+def lower_gradient(G: torch.Tensor) -> torch.Tensor:
+    """Gradient with respect to the lower triangle that stores a symmetric matrix, from the
+    gradient ``G`` (symmetric) with respect to the full matrix."""
+    return 2 * torch.tril(G, -1) + torch.diag(torch.diagonal(G))
+
+
+def padded(block: torch.Tensor, size: int) -> torch.Tensor:
+    """``block`` in the leading corner of a ``size×size`` zero matrix."""
+    out = block.new_zeros(size, size)
+    k = block.shape[0]
+    out[:k, :k] = block
+    return out
+
+
+class DenseLogdet(torch.autograd.Function):
+    """``log|S[:k, :k]|`` of the dense SPD block stored as its lower triangle ``S_low``, with
+    Cholesky factor ``L``; backward ``S⁻¹`` by one Cholesky inverse (no autograd through the
+    factorisation)."""
+
+    @staticmethod
+    def forward(ctx, S_low: torch.Tensor, L: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(L)
+        ctx.k = k
+        return 2 * torch.log(torch.diagonal(L)[:k]).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (L,) = ctx.saved_tensors
+        k = ctx.k
+        G = padded(torch.cholesky_inverse(L[:k, :k]), L.shape[0])
+        return grad * lower_gradient(G), None, None
+
+
+class DenseSolve(torch.autograd.Function):
+    """``S[:k, :k]⁻¹ t`` for the dense SPD block stored as its lower triangle ``S_low`` with
+    Cholesky factor ``L``; backward by two triangular solves."""
+
+    @staticmethod
+    def forward(ctx, S_low: torch.Tensor, L: torch.Tensor, k: int, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = torch.cholesky_solve(t.unsqueeze(-1), L[:k, :k]).squeeze(-1)
+        ctx.save_for_backward(L, x)
+        ctx.k = k
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        L, x = ctx.saved_tensors
+        k = ctx.k
+        lam = torch.cholesky_solve(grad.unsqueeze(-1), L[:k, :k]).squeeze(-1)
+        G = padded(-0.5 * (torch.outer(lam, x) + torch.outer(x, lam)), L.shape[0])
+        return lower_gradient(G), None, None, lam
+
+
 @dataclass
 class BlockedFactor:
     """``L`` with ``L Lᵀ = [[A11, A12], [A21, A22]]`` in blocks.
@@ -116,32 +169,44 @@ class BlockedFactor:
     Attributes:
         L11: ``(n1, p1, p1)`` Cholesky factors of the first term's diagonal blocks.
         M: ``(E, p1)`` values of ``L21 = A21 L11⁻ᵀ`` on the pattern.
-        L22: ``(Q2, Q2)`` dense Cholesky factor of the Schur complement.
+        S_low: ``(Q2, Q2)`` lower triangle of the Schur complement ``A22 − L21 L21ᵀ``
+            (differentiable; the upper triangle is zero).
+        L22: its Cholesky factor (no autograd graph: the dense part is differentiated by
+            :class:`DenseLogdet` and :class:`DenseSolve`).
     """
 
     structure: Structure
     L11: torch.Tensor
     M: torch.Tensor
+    S_low: torch.Tensor
     L22: torch.Tensor
 
     def logdet_random(self) -> torch.Tensor:
         """``log |Λ'Z'WZΛ + I|`` (the random-effect part, extra columns excluded)."""
-        s = self.structure
+        q2 = self.structure.q2
         d1 = torch.diagonal(self.L11, dim1=-2, dim2=-1)
-        d2 = torch.diagonal(self.L22)[: s.q2]
-        return 2 * (torch.log(d1).sum() + torch.log(d2).sum())
+        out = 2 * torch.log(d1).sum()
+        if q2:
+            out = out + self.dense_logdet(q2)
+        return out
+
+    def dense_logdet(self, k: int) -> torch.Tensor:
+        """``log|S[:k, :k]|`` (differentiable)."""
+        return DenseLogdet.apply(self.S_low, self.L22, k)
+
+    def dense_solve(self, k: int, t: torch.Tensor) -> torch.Tensor:
+        """``S[:k, :k]⁻¹ t`` (differentiable)."""
+        return DenseSolve.apply(self.S_low, self.L22, k, t)
 
     def solve(self, rhs1: torch.Tensor, rhs2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Solve the random-effect system (extra columns excluded) for a right-hand side
-        ``rhs1`` ``(n1, p1)``, ``rhs2`` ``(q2,)``; returns ``(x1, x2)`` of the same shapes."""
+        ``rhs1`` ``(n1, p1)``, ``rhs2`` ``(q2,)``; returns ``(x1, x2)`` (differentiable)."""
         s = self.structure
         keep = s.entry_col < s.q2
         col, lev, M = s.entry_col[keep], s.entry_level[keep], self.M[keep]
-        L22 = self.L22[: s.q2, : s.q2]
         y1 = torch.linalg.solve_triangular(self.L11, rhs1.unsqueeze(-1), upper=False).squeeze(-1)
         t2 = rhs2.index_add(0, col, -(M * y1[lev]).sum(-1))
-        y2 = torch.linalg.solve_triangular(L22, t2.unsqueeze(-1), upper=False).squeeze(-1)
-        x2 = torch.linalg.solve_triangular(L22.T, y2.unsqueeze(-1), upper=True).squeeze(-1)
+        x2 = self.dense_solve(s.q2, t2) if s.q2 else t2
         t1 = y1.index_add(0, lev, -M * x2[col].unsqueeze(-1))
         x1 = torch.linalg.solve_triangular(
             self.L11.transpose(-1, -2), t1.unsqueeze(-1), upper=True
@@ -150,21 +215,19 @@ class BlockedFactor:
 
     def inverse_diagonal_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Diagonal of the inverse of the random-effect system: ``(n1, p1, p1)`` blocks of the
-        first term and the ``(q2, q2)`` dense inverse of block 2."""
+        first term and the ``(q2, q2)`` dense inverse of block 2 (no autograd)."""
         s = self.structure
-        L22 = self.L22[: s.q2, : s.q2]
-        eye = torch.eye(s.q2, dtype=L22.dtype, device=L22.device)
-        L22inv = torch.linalg.solve_triangular(L22, eye, upper=False)
-        S_inv = L22inv.T @ L22inv
+        L11, M = self.L11.detach(), self.M.detach()
+        S_inv = torch.cholesky_inverse(self.L22[: s.q2, : s.q2])
         c = s.entry_col
         use = (c[s.pair_a] < s.q2) & (c[s.pair_b] < s.q2)
         a, b = s.pair_a[use], s.pair_b[use]
         weight = S_inv[c[a], c[b]]
-        outer = self.M[a].unsqueeze(-1) * self.M[b].unsqueeze(-2) * weight[:, None, None]
+        outer = M[a].unsqueeze(-1) * M[b].unsqueeze(-2) * weight[:, None, None]
         outer = outer + torch.where((a != b)[:, None, None], outer.transpose(-1, -2), 0.0)
-        inner = torch.zeros_like(self.L11).index_add(0, s.entry_level[a], outer)
-        eye1 = torch.eye(s.p1, dtype=L22.dtype, device=L22.device).expand_as(self.L11)
-        L11inv = torch.linalg.solve_triangular(self.L11, eye1, upper=False)
+        inner = torch.zeros_like(L11).index_add(0, s.entry_level[a], outer)
+        eye1 = torch.eye(s.p1, dtype=L11.dtype, device=L11.device).expand_as(L11)
+        L11inv = torch.linalg.solve_triangular(L11, eye1, upper=False)
         blocks = L11inv.transpose(-1, -2) @ (eye1 + inner) @ L11inv
         return blocks, S_inv
 
@@ -206,11 +269,10 @@ def factorize(
     if m:
         S = S.index_add(0, s.row_target.reshape(-1), (w2[:, s.row_j] * v2[:, s.row_k]).reshape(-1))
     S = S.index_add(0, s.pair_target, -(M[s.pair_a] * M[s.pair_b]).sum(-1))
-    S = S.reshape(s.Q2, s.Q2)
-    diag = torch.diagonal(S)
-    S = S + S.T - torch.diag(diag)
-    ones = torch.zeros(s.Q2, dtype=dtype, device=device)
-    ones[: s.q2] = 1.0
-    S = S + torch.diag(ones)
-    L22 = torch.linalg.cholesky(S) if s.Q2 else S
-    return BlockedFactor(s, L11, M, L22)
+    diag_z = torch.arange(s.q2, device=device) * (s.Q2 + 1)
+    S = S.index_add(0, diag_z, torch.ones(s.q2, dtype=dtype, device=device))
+    S_low = S.reshape(s.Q2, s.Q2)
+    with torch.no_grad():
+        full = S_low + S_low.T - torch.diag(torch.diagonal(S_low))
+        L22 = torch.linalg.cholesky(full) if s.Q2 else full
+    return BlockedFactor(s, L11, M, S_low, L22)

@@ -290,7 +290,7 @@ def _numeric(table: pd.DataFrame, name: str, source: str) -> np.ndarray:
             f"{source}: row {bad + 1}, column {name}: the response must be numeric "
             f"(got {col.iloc[bad]!r})"
         )
-    return col.to_numpy(dtype=float)
+    return np.array(col.to_numpy(dtype=float))
 
 
 def _is_number(value: Any) -> bool:

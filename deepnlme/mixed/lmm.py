@@ -19,12 +19,50 @@ import time
 import numpy as np
 import torch
 
-from deepnlme.mixed.blocked import BlockedFactor
+from deepnlme.mixed.blocked import BlockedFactor, lower_gradient
 from deepnlme.mixed.covariance import RelativeCovariance
 from deepnlme.mixed.design import MixedDesign
 from deepnlme.mixed.optimizer import minimize_bounded
 from deepnlme.mixed.random_effects import RandomDesign, natural_scale
 from deepnlme.mixed.result import MixedFit, conditional_modes
+
+
+class ProfiledDense(torch.autograd.Function):
+    """The dense block's part of the deviance from the lower triangle ``S_low`` of
+    ``S = [[S_ZZ, S_ZX, s_Zy], [., S_XX, s_Xy], [., ., s_yy]]`` (``q2 + p + 1`` square) and its
+    Cholesky factor ``L``: ML ``log|S_ZZ| + n log r²``, REML ``log|S_ZZ,XX| + (n−p) log r²``
+    with ``r² = L[-1, -1]²``. Backward from one Cholesky inverse (``log r² = log|S| −
+    log|S_{-y}|``; leading-block inverses by rank-p updates of ``S⁻¹``)."""
+
+    @staticmethod
+    def forward(ctx, S_low, L, q2: int, p: int, n: int, reml: bool):  # type: ignore[override]
+        ctx.save_for_backward(L)
+        ctx.q2, ctx.p, ctx.n, ctx.reml = q2, p, n, reml
+        d = torch.log(torch.diagonal(L))
+        k = q2 + p
+        dof = n - p if reml else n
+        head = 2 * d[: (k if reml else q2)].sum()
+        return head + dof * 2 * d[k]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (L,) = ctx.saved_tensors
+        q2, p, n, reml = ctx.q2, ctx.p, ctx.n, ctx.reml
+        k = q2 + p
+        size = L.shape[0]
+        S_inv = torch.cholesky_inverse(L)
+        v = S_inv[:k, k]
+        Sm_inv = S_inv[:k, :k] - torch.outer(v, v) / S_inv[k, k]  # S_{-y}⁻¹
+        dof = n - p if reml else n
+        G = dof * S_inv
+        G[:k, :k] -= dof * Sm_inv
+        if reml:
+            G[:k, :k] += Sm_inv
+        elif q2:
+            B, C = Sm_inv[:q2, q2:k], Sm_inv[q2:k, q2:k]
+            G[:q2, :q2] += Sm_inv[:q2, :q2] - B @ torch.linalg.solve(C, B.T)
+        assert G.shape[0] == size
+        return grad * lower_gradient(G), None, None, None, None, None
 
 
 class ProfiledDeviance:
@@ -43,12 +81,11 @@ class ProfiledDeviance:
         factors = self.cov.factors(theta)
         factor = self.random.factorize(factors)
         q2, p = self.random.structure.q2, self.p
-        r2 = factor.L22[-1, -1] ** 2
-        dev = factor.logdet_random()
+        L1 = torch.diagonal(factor.L11, dim1=-2, dim2=-1)
+        dense = ProfiledDense.apply(factor.S_low, factor.L22, q2, p, self.n, self.reml)
         dof = self.n - p if self.reml else self.n
-        if self.reml:
-            dev = dev + 2 * torch.log(torch.diagonal(factor.L22)[q2 : q2 + p]).sum()
-        dev = dev + dof * (1 + torch.log(2 * math.pi * r2 / dof))
+        dev = 2 * torch.log(L1).sum() + dense + dof * (1 + math.log(2 * math.pi / dof))
+        r2 = factor.L22[-1, -1] ** 2
         return dev, factor, r2
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
