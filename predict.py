@@ -16,13 +16,15 @@ import hydra
 from omegaconf import DictConfig
 
 from deepnlme import diagnostics
-from deepnlme.training import build, commands
+from deepnlme.training import build, commands, mixed
 
 log = logging.getLogger("deepnlme.predict")
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict:
     """Evaluate the checkpoint on the configured subjects; returns results.json."""
+    if mixed.is_mixed_checkpoint(str(cfg.ckpt_path)):
+        return mixed.predict_mixed(cfg, output_dir)
     fitted, pop, head = commands.load_run(cfg)
     evaluation = fitted.evaluate(pop, split="predict")
     results = {

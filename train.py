@@ -24,6 +24,7 @@ from deepnlme.training import (
     NLMEFitModule,
     PopulationDataModule,
     build,
+    mixed,
 )
 
 log = logging.getLogger("deepnlme.train")
@@ -31,6 +32,8 @@ log = logging.getLogger("deepnlme.train")
 
 def train(cfg: DictConfig, output_dir: Path) -> dict:
     """Fit, evaluate and write the run's outputs to ``output_dir``; returns results.json."""
+    if mixed.is_formula_model(cfg):
+        return mixed.train_mixed(cfg, output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)

@@ -10,7 +10,7 @@ dropped when there is an intercept), interactions ``a:b``. Text columns, groupin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,31 +249,33 @@ def build_design(
 
 
 def encode_new(
-    design: MixedDesign, table: pd.DataFrame, source: str, need_response: bool = False
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
-    """New rows in the fit's coding: ``(X, [values_k], [index_k], y)``.
+    formula: Formula,
+    schema: Schema,
+    terms: Sequence[RandomTerm],
+    table: pd.DataFrame,
+    source: str,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, list[str], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """New rows in a fit's coding: ``(X, X names, [values_k], [index_k], y or None)``.
 
     A level of a grouping factor not seen in the fit gets index ``-1`` (its random effect is
-    0: the population prediction).
+    0: the population prediction). The response is read when the table has it.
     """
-    formula = design.formula
-    needed = [v for v in formula.variables if v not in (formula.trials, formula.failures)]
-    if not need_response:
-        needed = [v for v in needed if v != formula.response]
-    check_table(table[[c for c in table.columns if c in needed]], _only(formula, needed), source)
-    dtype = design.X.dtype
-    X, _ = model_matrix(formula.fixed, table, design.schema, source)
+    skip = {formula.response, formula.trials, formula.failures}
+    needed = [v for v in formula.variables if v not in skip]
+    check_table(table, _only(formula, needed), source)
+    X, names = model_matrix(formula.fixed, table, schema, source)
     values, indices = [], []
-    for term in design.terms:
-        vals, _ = model_matrix(term.spec, table, design.schema, source)
+    for term in terms:
+        vals, _ = model_matrix(term.spec, table, schema, source)
         lookup = {lev: i for i, lev in enumerate(term.levels)}
         labels = group_labels(table, term.group_columns)
         indices.append(torch.as_tensor([lookup.get(s, -1) for s in labels], dtype=torch.long))
         values.append(torch.as_tensor(vals, dtype=dtype))
     y = None
-    if formula.response in table.columns:
+    if formula.response in table.columns and not table[formula.response].isna().any():
         y = torch.as_tensor(_numeric(table, formula.response, source), dtype=dtype)
-    return torch.as_tensor(X, dtype=dtype), values, indices, y
+    return torch.as_tensor(X, dtype=dtype), names, values, indices, y
 
 
 def _only(formula: Formula, names: Sequence[str]) -> Formula:
@@ -299,16 +301,3 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def read_table(path: str, source: str | None = None) -> pd.DataFrame:
-    """A CSV table (``.csv`` or ``.csv.gz``); unreadable files raise DataValidationError."""
-    try:
-        return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataValidationError(f"{source or path}: cannot read the table: {exc}") from exc
-
-
-def table_info(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """Plain summary of a table config (for results.json)."""
-    return {k: mapping[k] for k in ("name", "path") if k in mapping}
