@@ -191,6 +191,7 @@ def parse_formula(text: str) -> Formula:
     text = " ".join(str(text).split())
     if text.count("~") != 1:
         raise FormulaError(f"formula {text!r} needs exactly one '~' (response ~ terms)")
+    split_top(text, "~")  # raises on unbalanced parentheses
     lhs, rhs = (s.strip() for s in text.split("~"))
     trials = failures = None
     match = re.match(r"^cbind\((.*)\)$", lhs)
