@@ -20,8 +20,14 @@ DATA_KEYS = {"name", "path", "covariates", "heldout_fraction", "split_seed"}
 METHOD_KEYS = {"estimator", "lr", "max_iter", "gtol", "converged_gtol", "iterations_per_epoch"}
 
 
+#: Config options of formula mixed models (model=mixed; tests/mixed/test_mixed_cli.py).
+FORMULA_OPTIONS = {"data": {"insteval", "table"}, "model": {"mixed"}, "method": {"ml", "reml"}}
+
+
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    """The group's options for NLME models."""
+    names = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    return [n for n in names if n not in FORMULA_OPTIONS.get(group, ())]
 
 
 COMBINATIONS = list(itertools.product(*(options(g) for g in GROUPS)))

@@ -71,7 +71,7 @@ def build_structure(
     idx = [i.cpu().numpy().astype(np.int64) for i in indices]
     n = idx[0].shape[0]
     n1, p1 = n_levels[0], sizes[0]
-    offsets = np.cumsum([0] + [nk * pk for nk, pk in zip(n_levels[1:], sizes[1:])])
+    offsets = np.cumsum([0] + [nk * pk for nk, pk in zip(n_levels[1:], sizes[1:], strict=True)])
     q2 = int(offsets[-1])
     Q2 = q2 + m_extra
     col_blocks = []
@@ -104,8 +104,21 @@ def build_structure(
         return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.long, device=device)
 
     return Structure(
-        n1, p1, q2, Q2, t(idx[0]), t(cols), t(entry.reshape(n, m)), t(entry_col),
-        t(entry_level), t(pair_a), t(pair_b), t(pair_target), t(jj), t(kk), t(row_target),
+        n1,
+        p1,
+        q2,
+        Q2,
+        t(idx[0]),
+        t(cols),
+        t(entry.reshape(n, m)),
+        t(entry_col),
+        t(entry_level),
+        t(pair_a),
+        t(pair_b),
+        t(pair_target),
+        t(jj),
+        t(kk),
+        t(row_target),
     )
 
 
@@ -258,7 +271,9 @@ def factorize(
     L11 = torch.linalg.cholesky(A11)
     m = v2.shape[1]
     A21 = torch.zeros(s.n_entries, p1, dtype=dtype, device=device)
-    A21 = A21.index_add(0, s.entry.reshape(-1), (w2.unsqueeze(-1) * v1.unsqueeze(-2)).reshape(-1, p1))
+    A21 = A21.index_add(
+        0, s.entry.reshape(-1), (w2.unsqueeze(-1) * v1.unsqueeze(-2)).reshape(-1, p1)
+    )
     if p1 == 1:
         M = A21 / L11[s.entry_level, 0]
     else:

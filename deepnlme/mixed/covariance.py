@@ -32,11 +32,16 @@ class RelativeCovariance:
 
     def initial(self) -> np.ndarray:
         """lme4's start: identity factors."""
-        return np.concatenate([(r == c).numpy().astype(float) for r, c in zip(self.rows, self.cols)])
+        return np.concatenate(
+            [(r == c).numpy().astype(float) for r, c in zip(self.rows, self.cols, strict=True)]
+        )
 
     def lower_bounds(self) -> np.ndarray:
         return np.concatenate(
-            [np.where((r == c).numpy(), 0.0, -np.inf) for r, c in zip(self.rows, self.cols)]
+            [
+                np.where((r == c).numpy(), 0.0, -np.inf)
+                for r, c in zip(self.rows, self.cols, strict=True)
+            ]
         )
 
     def factors(self, theta: torch.Tensor) -> list[torch.Tensor]:
@@ -44,14 +49,16 @@ class RelativeCovariance:
         out = []
         for k, p in enumerate(self.sizes):
             T = torch.zeros(p, p, dtype=theta.dtype, device=theta.device)
-            T = T.index_put((self.rows[k], self.cols[k]), theta[self.starts[k] : self.starts[k + 1]])
+            T = T.index_put(
+                (self.rows[k], self.cols[k]), theta[self.starts[k] : self.starts[k + 1]]
+            )
             out.append(T)
         return out
 
     def names(self, term_names: list[str], term_columns: list[list[str]]) -> list[str]:
         """Readable θ names ``group.col1.col2`` (as lme4's ``getME(m, "theta")``)."""
         out = []
-        for k, (g, cols) in enumerate(zip(term_names, term_columns)):
-            for r, c in zip(self.rows[k].tolist(), self.cols[k].tolist()):
+        for k, (g, cols) in enumerate(zip(term_names, term_columns, strict=True)):
+            for r, c in zip(self.rows[k].tolist(), self.cols[k].tolist(), strict=True):
                 out.append(f"{g}.{cols[r]}" if r == c else f"{g}.{cols[r]}.{cols[c]}")
         return out

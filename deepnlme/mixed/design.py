@@ -118,9 +118,7 @@ def _as_labels(values: pd.Series) -> pd.Series:
     return values.astype(str)
 
 
-def make_schema(
-    table: pd.DataFrame, formula: Formula, factors: Sequence[str] = ()
-) -> Schema:
+def make_schema(table: pd.DataFrame, formula: Formula, factors: Sequence[str] = ()) -> Schema:
     """Which formula columns are categorical, and their levels in ``table``."""
     forced = set(factors) | set(formula.fixed.forced_factors)
     for r in formula.random:
@@ -162,7 +160,10 @@ def model_matrix(
                 keep = levels if not full_coding_used else levels[1:]
                 full_coding_used = True
                 parts.append(
-                    ([(labels == lev).astype(float) for lev in keep], [f"{var}{lev}" for lev in keep])
+                    (
+                        [(labels == lev).astype(float) for lev in keep],
+                        [f"{var}{lev}" for lev in keep],
+                    )
                 )
             else:
                 parts.append(([table[var].to_numpy(dtype=float)], [var]))
@@ -223,9 +224,9 @@ def build_design(
     terms = []
     for spec in formula.random:
         labels = group_labels(table, spec.group)
-        levels = _level_labels(labels) if len(spec.group) > 1 else schema.factor_levels[
-            spec.group[0]
-        ]
+        levels = (
+            _level_labels(labels) if len(spec.group) > 1 else schema.factor_levels[spec.group[0]]
+        )
         if len(levels) < 2:
             raise DataValidationError(
                 f"{source}: column {spec.group_label}: grouping factor has only one level "
@@ -235,15 +236,24 @@ def build_design(
         values, names = model_matrix(spec.expr, table, schema, source)
         terms.append(
             RandomTerm(
-                spec.group_label, names, levels, torch.as_tensor(np.array(code), dtype=torch.long),
-                torch.as_tensor(values, dtype=dtype), spec.expr, spec.group,
+                spec.group_label,
+                names,
+                levels,
+                torch.as_tensor(np.array(code), dtype=torch.long),
+                torch.as_tensor(values, dtype=dtype),
+                spec.expr,
+                spec.group,
             )
         )
     terms.sort(key=lambda t: -t.n_levels)
     return MixedDesign(
-        formula, torch.as_tensor(y, dtype=dtype),
+        formula,
+        torch.as_tensor(y, dtype=dtype),
         None if trials is None else torch.as_tensor(trials, dtype=dtype),
-        torch.as_tensor(X, dtype=dtype), fixef_names, terms, schema,
+        torch.as_tensor(X, dtype=dtype),
+        fixef_names,
+        terms,
+        schema,
         np.arange(1, len(table) + 1),
     )
 

@@ -45,22 +45,37 @@ class FittedMixed:
     def from_fit(cls, fit: MixedFit, design: MixedDesign, config: dict[str, Any]) -> FittedMixed:
         specs = list(design.formula.random)
         terms = []
-        for t, m in zip(design.terms, fit.modes):
-            terms.append({
-                "group": t.group, "spec_index": specs.index(
-                    next(s for s in specs if s.expr == t.spec and s.group == t.group_columns)
-                ),
-                "names": list(t.names), "levels": list(t.levels), "mode": m.mode.tolist(),
-                "sd": m.sd.tolist(),
-            })
+        for t, m in zip(design.terms, fit.modes, strict=True):
+            terms.append(
+                {
+                    "group": t.group,
+                    "spec_index": specs.index(
+                        next(s for s in specs if s.expr == t.spec and s.group == t.group_columns)
+                    ),
+                    "names": list(t.names),
+                    "levels": list(t.levels),
+                    "mode": m.mode.tolist(),
+                    "sd": m.sd.tolist(),
+                }
+            )
         return cls(
-            design.formula.text, fit.family, fit.link, dict(design.schema.factor_levels),
-            dict(fit.fixef), fit.thresholds, fit.extra.get("categories"), fit.sigma, terms,
+            design.formula.text,
+            fit.family,
+            fit.link,
+            dict(design.schema.factor_levels),
+            dict(fit.fixef),
+            fit.thresholds,
+            fit.extra.get("categories"),
+            fit.sigma,
+            terms,
             config,
         )
 
     def state(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+        return {
+            "format": FORMAT_VERSION,
+            **{k: getattr(self, k) for k in self.__dataclass_fields__},
+        }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -82,10 +97,17 @@ class FittedMixed:
         for t in self.terms:
             spec = formula.random[t["spec_index"]]
             empty = torch.zeros(0, dtype=torch.long)
-            out.append(RandomTerm(
-                t["group"], t["names"], t["levels"], empty, torch.zeros(0, len(t["names"])),
-                spec.expr, spec.group,
-            ))
+            out.append(
+                RandomTerm(
+                    t["group"],
+                    t["names"],
+                    t["levels"],
+                    empty,
+                    torch.zeros(0, len(t["names"])),
+                    spec.expr,
+                    spec.group,
+                )
+            )
         return out
 
     def linear_predictor(
@@ -100,7 +122,7 @@ class FittedMixed:
         beta = torch.as_tensor(list(self.fixef.values()), dtype=torch.float64)
         eta_pop = X[:, cols] @ beta
         eta = eta_pop.clone()
-        for t, v, idx in zip(self.terms, values, indices):
+        for t, v, idx in zip(self.terms, values, indices, strict=True):
             b = torch.as_tensor(np.asarray(t["mode"]), dtype=torch.float64)
             b = torch.cat([b, torch.zeros(1, b.shape[1], dtype=b.dtype)])  # row -1: unseen
             eta = eta + (v * b[idx]).sum(-1)
@@ -122,9 +144,11 @@ class FittedMixed:
             for j, c in enumerate(self.categories):
                 out[f"prob_{c:g}"] = probs[:, j].numpy()
         if y is not None:
-            observed = y if self.family != "ordinal" else torch.as_tensor(
-                self.categories, dtype=torch.float64
-            )[y.long()]
+            observed = (
+                y
+                if self.family != "ordinal"
+                else torch.as_tensor(self.categories, dtype=torch.float64)[y.long()]
+            )
             out["y"] = observed.numpy()
             out["residual"] = out["y"] - out["pred"]
         return out

@@ -44,7 +44,11 @@ class LaplaceObjective:
     """
 
     def __init__(
-        self, design: MixedDesign, family: str, link: str, inner_tol: float = 1e-10,
+        self,
+        design: MixedDesign,
+        family: str,
+        link: str,
+        inner_tol: float = 1e-10,
         inner_max_iter: int = 50,
     ) -> None:
         self.design, self.family, self.link = design, family, link
@@ -60,8 +64,10 @@ class LaplaceObjective:
         self.p = self.X.shape[1]
         self.n_alpha = 0 if self.categories is None else len(self.categories) - 1
         self.inner_tol, self.inner_max_iter = inner_tol, inner_max_iter
-        self.u = [torch.zeros(t.n_levels, t.size, dtype=self.X.dtype, device=self.X.device)
-                  for t in design.terms]
+        self.u = [
+            torch.zeros(t.n_levels, t.size, dtype=self.X.dtype, device=self.X.device)
+            for t in design.terms
+        ]
         self.inner_failures = 0
 
     # ---------------------------------------------------------------------- parameters
@@ -113,7 +119,7 @@ class LaplaceObjective:
         """``(Newton step, factor, h)`` at ``u`` (one factorisation)."""
         eta = self.X @ beta + self.random.linear_predictor(factors, u)
         ll, d1, d2 = self._rows(eta, alpha)
-        grad = [g - uk for g, uk in zip(self.random.crossprod(factors, d1), u)]
+        grad = [g - uk for g, uk in zip(self.random.crossprod(factors, d1), u, strict=True)]
         factor = self.random.factorize(factors, weights=-d2)
         step = self.random.solve(factor, grad)
         value = -(ll.sum() - 0.5 * sum((uk * uk).sum() for uk in u))
@@ -128,7 +134,7 @@ class LaplaceObjective:
             size = max(float(s.abs().max()) for s in step)
             t = 1.0
             while True:
-                trial = [uk + t * sk for uk, sk in zip(u, step)]
+                trial = [uk + t * sk for uk, sk in zip(u, step, strict=True)]
                 new = self._penalised(beta, alpha, factors, trial)
                 if torch.isfinite(new) and new <= value + 1e-10 * abs(float(value)):
                     break
@@ -148,10 +154,11 @@ class LaplaceObjective:
     def __call__(self, phi: torch.Tensor) -> torch.Tensor:
         beta, alpha, theta = self.unpack(phi)
         factors = self.cov.factors(theta)
-        u_star = self.mode(beta.detach(), None if alpha is None else alpha.detach(),
-                           [T.detach() for T in factors])
+        u_star = self.mode(
+            beta.detach(), None if alpha is None else alpha.detach(), [T.detach() for T in factors]
+        )
         step, _, _ = self.newton_step(beta, alpha, factors, u_star)
-        u1 = [uk + sk for uk, sk in zip(u_star, step)]
+        u1 = [uk + sk for uk, sk in zip(u_star, step, strict=True)]
         eta = self.X @ beta + self.random.linear_predictor(factors, u1)
         ll, _, d2 = self._rows(eta, alpha)
         factor = self.random.factorize(factors, weights=-d2)
@@ -167,6 +174,7 @@ def _probit(p: np.ndarray) -> np.ndarray:
 
 def numerical_hessian(objective, x: np.ndarray, device, rel_step: float = 1e-4) -> np.ndarray:
     """Central differences of the autograd gradient, symmetrised."""
+
     def grad(v: np.ndarray) -> np.ndarray:
         t = torch.tensor(v, dtype=torch.float64, device=device, requires_grad=True)
         (g,) = torch.autograd.grad(objective(t), t)
@@ -183,8 +191,12 @@ def numerical_hessian(objective, x: np.ndarray, device, rel_step: float = 1e-4) 
 
 
 def fit_glmm(
-    design: MixedDesign, family: str, link: str | None = None, max_iter: int = 500,
-    gtol: float = 1e-5, se: bool = True,
+    design: MixedDesign,
+    family: str,
+    link: str | None = None,
+    max_iter: int = 500,
+    gtol: float = 1e-5,
+    se: bool = True,
 ) -> MixedFit:
     """Fit a binomial, Poisson or ordinal mixed model by Laplace; a :class:`MixedFit`."""
     link = families.check_family(family, link)
@@ -192,8 +204,12 @@ def fit_glmm(
     objective = LaplaceObjective(design, family, link)
     device = design.y.device
     opt = minimize_bounded(
-        objective, objective.initial(), objective.lower_bounds(), device,
-        max_iter=max_iter, gtol=gtol,
+        objective,
+        objective.initial(),
+        objective.lower_bounds(),
+        device,
+        max_iter=max_iter,
+        gtol=gtol,
     )
     fit_seconds = time.perf_counter() - start
     phi = torch.as_tensor(opt.x, dtype=torch.float64, device=device)
@@ -211,18 +227,33 @@ def fit_glmm(
         H = numerical_hessian(objective, opt.x, device)
         try:
             cov_phi = np.linalg.inv(H)
-            se_beta = dict(zip(objective.names, np.sqrt(np.diag(cov_phi)[: objective.p]).tolist()))
+            se_beta = dict(
+                zip(objective.names, np.sqrt(np.diag(cov_phi)[: objective.p]).tolist(), strict=True)
+            )
         except np.linalg.LinAlgError:
             pass
     return MixedFit(
-        family=family, link=link, method="laplace", n_obs=design.n_obs, loglik=-F,
-        n_params=objective.n_phi, fixef=dict(zip(objective.names, beta.cpu().tolist())),
-        se_fixef=se_beta, covariances=covariances, sigma=None, theta=opt.x[objective.p + objective.n_alpha :],
+        family=family,
+        link=link,
+        method="laplace",
+        n_obs=design.n_obs,
+        loglik=-F,
+        n_params=objective.n_phi,
+        fixef=dict(zip(objective.names, beta.cpu().tolist(), strict=True)),
+        se_fixef=se_beta,
+        covariances=covariances,
+        sigma=None,
+        theta=opt.x[objective.p + objective.n_alpha :],
         modes=conditional_modes(design, b, var_b),
-        converged=bool(opt.success or opt.grad_max < 1e-3) and opt.grad_max < 1e-2
+        converged=bool(opt.success or opt.grad_max < 1e-3)
+        and opt.grad_max < 1e-2
         and objective.inner_failures == 0,
-        grad_max=opt.grad_max, n_iter=opt.n_iter, n_eval=opt.n_eval, message=opt.message,
+        grad_max=opt.grad_max,
+        n_iter=opt.n_iter,
+        n_eval=opt.n_eval,
+        message=opt.message,
         thresholds=None if alpha is None else alpha.cpu().tolist(),
         extra={"fit_seconds": fit_seconds, "categories": objective.categories}
-        if objective.categories else {"fit_seconds": fit_seconds},
+        if objective.categories
+        else {"fit_seconds": fit_seconds},
     )

@@ -100,8 +100,12 @@ def fit_lmm(
     objective = ProfiledDeviance(design, reml)
     device = design.y.device
     opt = minimize_bounded(
-        objective, objective.cov.initial(), objective.cov.lower_bounds(), device,
-        max_iter=max_iter, gtol=gtol,
+        objective,
+        objective.cov.initial(),
+        objective.cov.lower_bounds(),
+        device,
+        max_iter=max_iter,
+        gtol=gtol,
     )
     fit_seconds = time.perf_counter() - start
     with torch.no_grad():
@@ -112,7 +116,9 @@ def fit_lmm(
         Lx, ly = L[q2 : q2 + p, q2 : q2 + p], L[-1, q2 : q2 + p]
         beta = torch.linalg.solve_triangular(Lx.T, ly[:, None], upper=True).squeeze(-1)
         sigma2 = r2 / (n - p if reml else n)
-        Lx_inv = torch.linalg.solve_triangular(Lx, torch.eye(p, dtype=L.dtype, device=device), upper=False)
+        Lx_inv = torch.linalg.solve_triangular(
+            Lx, torch.eye(p, dtype=L.dtype, device=device), upper=False
+        )
         vcov = sigma2 * (Lx_inv.T @ Lx_inv)
         factors = objective.cov.factors(theta)
         rd = objective.random
@@ -125,13 +131,22 @@ def fit_lmm(
     names = design.fixef_names
     loglik = -0.5 * float(dev)
     return MixedFit(
-        family="gaussian", link="identity", method="reml" if reml else "ml", n_obs=n,
-        loglik=loglik, n_params=p + objective.cov.n_theta + 1,
-        fixef=dict(zip(names, beta.cpu().tolist())),
-        se_fixef=dict(zip(names, torch.sqrt(torch.diagonal(vcov)).cpu().tolist())),
-        covariances=covariances, sigma=sigma, theta=np.asarray(opt.x),
+        family="gaussian",
+        link="identity",
+        method="reml" if reml else "ml",
+        n_obs=n,
+        loglik=loglik,
+        n_params=p + objective.cov.n_theta + 1,
+        fixef=dict(zip(names, beta.cpu().tolist(), strict=True)),
+        se_fixef=dict(zip(names, torch.sqrt(torch.diagonal(vcov)).cpu().tolist(), strict=True)),
+        covariances=covariances,
+        sigma=sigma,
+        theta=np.asarray(opt.x),
         modes=conditional_modes(design, b, var_b),
         converged=bool(opt.success or opt.grad_max < 1e-3) and opt.grad_max < 1e-2,
-        grad_max=opt.grad_max, n_iter=opt.n_iter, n_eval=opt.n_eval, message=opt.message,
+        grad_max=opt.grad_max,
+        n_iter=opt.n_iter,
+        n_eval=opt.n_eval,
+        message=opt.message,
         extra={"fit_seconds": fit_seconds, "vcov": vcov.cpu().tolist()},
     )

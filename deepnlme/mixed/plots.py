@@ -27,7 +27,7 @@ def save_effect_histograms(modes: list[ConditionalModes], path: str | Path) -> P
     panels = [(m.group, name, m.mode[:, j]) for m in modes for j, name in enumerate(m.names)]
     fig = Figure(figsize=(4 * len(panels), 3.5))
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (group, name, values) in zip(axes, panels):
+    for ax, (group, name, values) in zip(axes, panels, strict=True):
         ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="tab:green", alpha=0.8)
         ax.set_title(f"{group}: {name} ({len(values)} levels)")
         ax.set_xlabel("conditional mode")

@@ -35,7 +35,7 @@ class RandomDesign:
 
     def row_values(self, factors: list[torch.Tensor]) -> list[torch.Tensor]:
         """``[x_ik' T_k]`` for every term: ``(N, p_k)`` row values of ``ZΛ``."""
-        return [t.values @ T for t, T in zip(self.terms, factors)]
+        return [t.values @ T for t, T in zip(self.terms, factors, strict=True)]
 
     def factorize(
         self, factors: list[torch.Tensor], weights: torch.Tensor | None = None
@@ -49,14 +49,14 @@ class RandomDesign:
     def linear_predictor(self, factors: list[torch.Tensor], u: list[torch.Tensor]) -> torch.Tensor:
         """``(ZΛu)_i``, ``(N,)``."""
         out = 0.0
-        for t, vk, uk in zip(self.terms, self.row_values(factors), u):
+        for t, vk, uk in zip(self.terms, self.row_values(factors), u, strict=True):
             out = out + (vk * uk[t.index]).sum(-1)
         return out
 
     def crossprod(self, factors: list[torch.Tensor], r: torch.Tensor) -> list[torch.Tensor]:
         """``Λ'Z'r`` per term, ``[(n_k, p_k)]``, for a row vector ``r`` ``(N,)``."""
         out = []
-        for t, vk in zip(self.terms, self.row_values(factors)):
+        for t, vk in zip(self.terms, self.row_values(factors), strict=True):
             z = torch.zeros(t.n_levels, t.size, dtype=r.dtype, device=r.device)
             out.append(z.index_add(0, t.index, vk * r[:, None]))
         return out
@@ -70,7 +70,7 @@ class RandomDesign:
     def split(self, x1: torch.Tensor, x2: torch.Tensor) -> list[torch.Tensor]:
         """The solver's vectors -> per-term ``[(n_k, p_k)]``."""
         out, start = [x1], 0
-        for n, p in zip(self.n_levels[1:], self.sizes[1:]):
+        for n, p in zip(self.n_levels[1:], self.sizes[1:], strict=True):
             out.append(x2[start : start + n * p].reshape(n, p))
             start += n * p
         return out
@@ -83,7 +83,7 @@ class RandomDesign:
         """Diagonal blocks of ``(Λ'Z'WZΛ + I)⁻¹`` per term and level, ``[(n_k, p_k, p_k)]``."""
         blocks1, S_inv = factor.inverse_diagonal_blocks()
         out, start = [blocks1], 0
-        for n, p in zip(self.n_levels[1:], self.sizes[1:]):
+        for n, p in zip(self.n_levels[1:], self.sizes[1:], strict=True):
             idx = start + torch.arange(n * p, device=S_inv.device).reshape(n, p)
             out.append(S_inv[idx[:, :, None], idx[:, None, :]])
             start += n * p
@@ -94,8 +94,9 @@ def natural_scale(
     factors: list[torch.Tensor], u: list[torch.Tensor], var_u: list[torch.Tensor], scale: float
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``b = T u`` per level and the diagonal of ``scale² T Var(u) Tᵀ``: ``[(n_k, p_k)]`` each."""
-    b = [uk @ T.T for uk, T in zip(u, factors)]
+    b = [uk @ T.T for uk, T in zip(u, factors, strict=True)]
     var_b = [
-        scale**2 * torch.diagonal(T @ V @ T.T, dim1=-2, dim2=-1) for V, T in zip(var_u, factors)
+        scale**2 * torch.diagonal(T @ V @ T.T, dim1=-2, dim2=-1)
+        for V, T in zip(var_u, factors, strict=True)
     ]
     return b, var_b

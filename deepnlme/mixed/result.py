@@ -66,7 +66,7 @@ class MixedFit:
     def varcorr(self) -> dict[str, Any]:
         """lme4's ``VarCorr``: per grouping factor names, var, sd, corr; and ``Residual``."""
         out: dict[str, Any] = {}
-        for cov, m in zip(self.covariances, self.modes):
+        for cov, m in zip(self.covariances, self.modes, strict=True):
             sd = np.sqrt(np.diag(cov))
             with np.errstate(invalid="ignore", divide="ignore"):
                 corr = cov / np.outer(sd, sd)
@@ -108,5 +108,5 @@ def conditional_modes(
             t.group, list(t.names), list(t.levels), bk.detach().cpu().numpy(),
             np.sqrt(np.clip(vk.detach().cpu().numpy(), 0.0, None)),
         )
-        for t, bk, vk in zip(design.terms, b, var_b)
+        for t, bk, vk in zip(design.terms, b, var_b, strict=True)
     ]

@@ -24,7 +24,7 @@ def crossed_design():
 
 def dense_z_lambda(rd: RandomDesign, factors):
     cols = []
-    for t, v in zip(rd.terms, rd.row_values(factors)):
+    for t, v in zip(rd.terms, rd.row_values(factors), strict=True):
         z = torch.zeros(len(t.index), t.n_levels, t.size, dtype=torch.float64)
         z[torch.arange(len(t.index)), t.index] = v
         cols.append(z.reshape(len(t.index), -1))
@@ -48,7 +48,7 @@ def test_blocked_factor_matches_dense_logdet_solve_and_inverse():
     torch.testing.assert_close(x, expected, rtol=1e-9, atol=1e-10)
     Hinv = torch.linalg.inv(H)
     start = 0
-    for t, blocks in zip(rd.terms, rd.conditional_variances(factor)):
+    for t, blocks in zip(rd.terms, rd.conditional_variances(factor), strict=True):
         p = t.size
         for level in range(t.n_levels):
             expected_block = Hinv[start : start + p, start : start + p]
