@@ -150,3 +150,23 @@ def fit_lmm(
         message=opt.message,
         extra={"fit_seconds": fit_seconds, "vcov": vcov.cpu().tolist()},
     )
+
+
+def gaussian_loglik(
+    design: MixedDesign, beta: torch.Tensor, sigma: float, theta: torch.Tensor
+) -> float:
+    """Exact log-likelihood of a Gaussian LMM at any (β, σ, θ) (not profiled), as lme4:
+    ``-2 log L = log|L_θ|² + n log(2πσ²) + (r²_θ + ‖R_X(β − β̂_θ)‖²) / σ²``."""
+    with torch.no_grad():
+        objective = ProfiledDeviance(design)
+        _, factor, r2 = objective.parts(theta)
+        q2, p, n = objective.random.structure.q2, objective.p, objective.n
+        L = factor.L22
+        Lx, ly = L[q2 : q2 + p, q2 : q2 + p], L[-1, q2 : q2 + p]
+        beta_hat = torch.linalg.solve_triangular(Lx.T, ly[:, None], upper=True).squeeze(-1)
+        d1 = torch.diagonal(factor.L11, dim1=-2, dim2=-1)
+        logdet = 2 * torch.log(d1).sum() + 2 * torch.log(torch.diagonal(L)[:q2]).sum()
+        dev = logdet + n * math.log(2 * math.pi * sigma**2) + (
+            r2 + ((Lx.T @ (beta - beta_hat)) ** 2).sum()
+        ) / sigma**2
+    return -0.5 * float(dev)

@@ -15,11 +15,13 @@ import torch
 from omegaconf import DictConfig
 
 from deepnlme.diagnostics.report import write_results
+from deepnlme.inference.mcem import MCEMOptions
 from deepnlme.mixed.design import MixedDesign, build_design
 from deepnlme.mixed.fitted import CHECKPOINT_KEY, FittedMixed, heldout_metrics
 from deepnlme.mixed.formula import FormulaError, parse_formula
 from deepnlme.mixed.glmm import fit_glmm
 from deepnlme.mixed.lmm import fit_lmm
+from deepnlme.mixed.mcem_fit import fit_mcem
 from deepnlme.mixed.plots import save_effect_histograms, save_residual_histogram
 from deepnlme.mixed.result import MixedFit
 from deepnlme.mixed.tables import load_table, split_rows
@@ -44,9 +46,11 @@ def resolve_method(family: str, method: str) -> str:
     """``ml``/``reml`` for Gaussian fits, ``laplace`` for the others; raises SetupError."""
     if family not in FAMILIES:
         raise SetupError(f"model.family must be one of {', '.join(FAMILIES)} (got {family!r})")
-    if method in ("mcem", "vi"):
-        raise SetupError(f"method={method} is not available for formula models yet; use "
-                         "method=ml, method=reml (gaussian) or method=laplace")
+    if method == "mcem":
+        return "mcem"
+    if method == "vi":
+        raise SetupError("method=vi is not available for formula models yet; use method=ml, "
+                         "method=reml (gaussian), method=laplace or method=mcem")
     if family == "gaussian":
         if method in ("ml", "laplace"):
             return "ml"
@@ -59,8 +63,15 @@ def resolve_method(family: str, method: str) -> str:
 
 
 def fit_design(design: MixedDesign, family: str, link: str | None, method: str,
-               max_iter: int, se: bool) -> MixedFit:
-    """The fit of ``design`` by ``method`` (``ml``, ``reml`` or ``laplace``)."""
+               max_iter: int, se: bool, method_cfg: Mapping[str, Any] | None = None) -> MixedFit:
+    """The fit of ``design`` by ``method`` (``ml``, ``reml``, ``laplace`` or ``mcem``)."""
+    if method == "mcem":
+        keys = MCEMOptions.__dataclass_fields__
+        options = MCEMOptions(**{k: v for k, v in (method_cfg or {}).items() if k in keys})
+        try:
+            return fit_mcem(design, family, link, options)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from exc
     if family == "gaussian":
         if link not in (None, "identity"):
             raise SetupError(f"family gaussian has only the identity link (got {link!r})")
@@ -136,8 +147,9 @@ def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     design, held, source = load_design(cfg)
     device = device_of(cfg)
     design.to(device)
+    method_cfg = {**plain(cfg.method), "seed": int(cfg.seed)}
     fit = fit_design(design, family, model.get("link"), method,
-                     int(model.get("max_iter") or 500), bool(cfg.get("se", True)))
+                     int(model.get("max_iter") or 500), bool(cfg.get("se", True)), method_cfg)
     fit_seconds = time.perf_counter() - start
     fitted = FittedMixed.from_fit(fit, design, {"model": model, "data": plain(cfg.data)})
     summary = fit.summary()
