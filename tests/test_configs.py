@@ -21,7 +21,11 @@ METHOD_KEYS = {"estimator", "lr", "max_iter", "gtol", "converged_gtol", "iterati
 
 
 #: Config options of formula mixed models (model=mixed; tests/mixed/test_mixed_cli.py).
-FORMULA_OPTIONS = {"data": {"insteval", "table"}, "model": {"mixed"}, "method": {"ml", "reml", "mcem"}}
+FORMULA_OPTIONS = {
+    "data": {"insteval", "table"},
+    "model": {"mixed"},
+    "method": {"ml", "reml", "mcem"},
+}
 
 
 def options(group: str) -> list[str]:
