@@ -7,7 +7,7 @@ single posterior sample) and one Adam step on the parameters maximising ``log_jo
 sample (M-step: by Fisher's identity its expectation is the gradient of the marginal
 log-likelihood). During warm-up the leapfrog step size is tuned to a target acceptance rate
 and a diagonal mass matrix is set from the latents' sample variances; after warm-up the
-parameters (Polyak) and the latents' moments are averaged over the remaining iterations.
+parameters (Polyak) and the latents' moments are averaged over the last iterations.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 @dataclass
 class MCEMOptions:
     """Iterations, HMC settings (``n_leapfrog`` steps of initial size ``step_size``), Adam
-    learning rate, warm-up share (step-size and mass adaptation) and seed."""
+    learning rate, warm-up share (step-size and mass adaptation), the final share of
+    iterations over which parameters and latents are averaged, and seed."""
 
     n_iter: int = 2000
     n_leapfrog: int = 10
@@ -31,6 +32,7 @@ class MCEMOptions:
     target_accept: float = 0.75
     lr: float = 0.02
     warmup_fraction: float = 0.3
+    average_fraction: float = 0.5
     seed: int = 0
 
 
@@ -112,6 +114,7 @@ def mcem(
     step = opts.step_size
     warmup = int(opts.warmup_fraction * opts.n_iter)
     windows = {max(1, warmup // 3), warmup}
+    average_from = max(warmup, int((1 - opts.average_fraction) * opts.n_iter))
     w_n, w_mean, w_m2 = 0, torch.zeros_like(x), torch.zeros_like(x)
     avg = [torch.zeros_like(p) for p in params]
     s_n, s_mean, s_m2 = 0, torch.zeros_like(x), torch.zeros_like(x)
@@ -137,6 +140,8 @@ def mcem(
                 w_n, w_mean, w_m2 = 0, torch.zeros_like(x), torch.zeros_like(x)
             continue
         accepts.append(accept)
+        if it < average_from:
+            continue
         s_n += 1
         with torch.no_grad():
             for a, p in zip(avg, params, strict=True):
