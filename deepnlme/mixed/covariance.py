@@ -49,9 +49,8 @@ class RelativeCovariance:
         out = []
         for k, p in enumerate(self.sizes):
             T = torch.zeros(p, p, dtype=theta.dtype, device=theta.device)
-            T = T.index_put(
-                (self.rows[k], self.cols[k]), theta[self.starts[k] : self.starts[k + 1]]
-            )
+            index = (self.rows[k].to(theta.device), self.cols[k].to(theta.device))
+            T = T.index_put(index, theta[self.starts[k] : self.starts[k + 1]])
             out.append(T)
         return out
 
