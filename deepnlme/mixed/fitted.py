@@ -132,7 +132,9 @@ class FittedMixed:
 
     def predict(self, table: pd.DataFrame, source: str) -> pd.DataFrame:
         """Per row: ``pred`` (expected response with the conditional modes), ``pred_pop``
-        (random effects 0), and ``y``/``residual`` when the table has the response."""
+        (random effects 0), and ``y``/``residual`` when the table has the response (binomial:
+        probabilities and observed proportions; ordinal: expected rating and the category
+        probabilities)."""
         eta, y, eta_pop = self.linear_predictor(table, source)
         out = pd.DataFrame({"row": np.arange(1, len(table) + 1)})
         for name, e in (("pred", eta), ("pred_pop", eta_pop)):
@@ -150,6 +152,14 @@ class FittedMixed:
                 else torch.as_tensor(self.categories, dtype=torch.float64)[y.long()]
             )
             out["y"] = observed.numpy()
+            formula = parse_formula(self.formula_text)
+            if self.family == "binomial" and (formula.trials or formula.failures):
+                trials = (
+                    table[formula.trials] if formula.trials
+                    else table[formula.response] + table[formula.failures]
+                )
+                out["y"] = out["y"] / trials.to_numpy(dtype=float)  # observed proportion
+            out["residual"] = out["y"] - out["pred"]
             out["residual"] = out["y"] - out["pred"]
         return out
 
