@@ -160,7 +160,6 @@ class FittedMixed:
                 )
                 out["y"] = out["y"] / trials.to_numpy(dtype=float)  # observed proportion
             out["residual"] = out["y"] - out["pred"]
-            out["residual"] = out["y"] - out["pred"]
         return out
 
     def mean(self, eta: torch.Tensor) -> torch.Tensor:
