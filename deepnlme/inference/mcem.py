@@ -95,6 +95,7 @@ def mcem(
     batch: Any = None,
     options: MCEMOptions | None = None,
     callback: Callable[[int, float], None] | None = None,
+    recenter: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MCEMResult:
     """Fit ``params`` (leaf tensors with ``requires_grad``) by MCEM-HMC.
 
@@ -104,6 +105,11 @@ def mcem(
         params: the parameters ``log_joint`` reads (updated in place; averaged values are
             returned in the result).
         batch: passed through to ``log_joint``.
+        recenter: optional parameter-expansion step (PX-EM) applied to each sample before the
+            M-step: moves the latents along a direction the likelihood does not see (e.g. the
+            mean of a grouping factor's intercepts) into the fixed effects, updating the
+            parameters in place, and returns the moved latents. Same fixed point as EM, much
+            faster where the prior alone pins that direction.
     """
     opts = options or MCEMOptions()
     start = time.perf_counter()
@@ -121,6 +127,9 @@ def mcem(
     accepts, trace = [], []
     for it in range(opts.n_iter):
         x, accept = hmc_transition(log_joint, x, batch, step, inv_mass, opts.n_leapfrog, generator)
+        if recenter is not None:
+            with torch.no_grad():
+                x = recenter(x)
         optimizer.zero_grad()
         loss = -log_joint(x, batch)
         loss.backward()
