@@ -48,6 +48,7 @@ class FormulaLogJoint:
         self.tau = torch.tensor(init["tau"], dtype=dtype, device=device, requires_grad=True)
         self.tril = [torch.tril_indices(t.size, t.size, device=device) for t in design.terms]
         self.sizes = [t.n_levels * t.size for t in design.terms]
+        self._means: dict[tuple[int, int], float] = {}
 
     def _initial(self) -> dict:
         if self.laplace is None:
@@ -91,19 +92,28 @@ class FormulaLogJoint:
             for x, t in zip(torch.split(b, self.sizes), self.design.terms, strict=True)
         ]
 
-    #: Share of the sampled mean moved per iteration (damps the Monte Carlo noise of the mean).
-    recenter_gain = 0.1
+    #: Smoothing of the sampled group means, and the share of the smoothed mean moved per
+    #: iteration: small, so that the chain's spread along the moved direction (part of the
+    #: variance estimate) is kept while the drift that EM alone is slow to remove goes.
+    recenter_smoothing = 0.05
+    recenter_gain = 0.05
 
     def recenter(self, b: torch.Tensor) -> torch.Tensor:
         """PX-EM step: each random-effect column that is also a fixed effect (``(Intercept)``,
-        a random slope's covariate) has a share of its sampled mean moved into that fixed
-        effect (the likelihood is unchanged)."""
+        a random slope's covariate) has a share of its smoothed sampled mean moved into that
+        fixed effect (the likelihood is unchanged)."""
         parts = []
-        for t, bk in zip(self.design.terms, self.split(b), strict=True):
+        for k, (t, bk) in enumerate(zip(self.design.terms, self.split(b), strict=True)):
             bk = bk.clone()
             for j, name in enumerate(t.names):
                 if name in self.names:
-                    shift = self.recenter_gain * bk[:, j].mean()
+                    key = (k, j)
+                    ema = self._means.get(key, 0.0)
+                    ema = (1 - self.recenter_smoothing) * ema + self.recenter_smoothing * float(
+                        bk[:, j].mean()
+                    )
+                    shift = self.recenter_gain * ema
+                    self._means[key] = ema - shift
                     bk[:, j] -= shift
                     self.beta[self.names.index(name)] += shift
             parts.append(bk.reshape(-1))
