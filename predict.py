@@ -24,6 +24,11 @@ log = logging.getLogger("deepnlme.predict")
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict:
     """Evaluate the checkpoint on the configured subjects; returns results.json."""
+    from deepnlme.training import mixed
+
+    if mixed.is_mixed_checkpoint(str(cfg.ckpt_path)):
+        return mixed.predict_mixed(cfg, output_dir)
+
     from deepnlme import diagnostics
     from deepnlme.training import build, commands
 

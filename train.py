@@ -33,6 +33,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     Start-up order: the data are read and checked first (torch and the data layer only), the
     models, Lightning and the diagnostics load after them, so a data error answers quickly.
     """
+    if cfg.get("model") is not None and cfg.model.get("formula"):  # lme4-style mixed model
+        from deepnlme.training.mixed import train_mixed
+
+        return train_mixed(cfg, output_dir)
+
     from deepnlme.training import build
 
     build.set_threads(cfg)

@@ -23,9 +23,18 @@ METHOD_KEYS = {"estimator", "lr", "max_iter", "gtol", "converged_gtol", "iterati
 LBFGS_METHODS = {"laplace", "focei", "foce"}
 
 
+#: Config options of formula mixed models (model=mixed; tests/mixed/test_mixed_cli.py).
+FORMULA_OPTIONS = {
+    "data": {"insteval", "table"},
+    "model": {"mixed"},
+    "method": {"ml", "reml", "mcem"},
+}
+
+
 def options(group: str) -> list[str]:
-    """The group's options; for ``model``, those with a class (not ``custom``)."""
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if p.stem != "custom")
+    """The group's options for NLME models; for ``model``, those with a class (not ``custom``)."""
+    names = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if p.stem != "custom")
+    return [n for n in names if n not in FORMULA_OPTIONS.get(group, ())]
 
 
 COMBINATIONS = list(itertools.product(*(options(g) for g in GROUPS)))

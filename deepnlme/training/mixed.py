@@ -1,0 +1,226 @@
+"""The command-line path of formula mixed models (``model=mixed``): table -> design -> fit ->
+results.json, conditional modes, held-out criticism, plots and checkpoint; and prediction
+from such a checkpoint. The math is in :mod:`deepnlme.mixed`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from deepnlme.diagnostics.report import write_results
+from deepnlme.inference.mcem import MCEMOptions
+from deepnlme.mixed.design import MixedDesign, build_design
+from deepnlme.mixed.fitted import CHECKPOINT_KEY, FittedMixed, heldout_metrics
+from deepnlme.mixed.formula import FormulaError, parse_formula
+from deepnlme.mixed.glmm import fit_glmm
+from deepnlme.mixed.lmm import fit_lmm
+from deepnlme.mixed.mcem_fit import fit_mcem
+from deepnlme.mixed.plots import save_effect_histograms, save_residual_histogram
+from deepnlme.mixed.result import MixedFit
+from deepnlme.mixed.tables import load_table, split_rows
+from deepnlme.training.build import SetupError, plain, set_threads
+
+log = logging.getLogger("deepnlme.train")
+
+FAMILIES = ("gaussian", "binomial", "poisson", "ordinal")
+
+
+def is_formula_model(cfg: DictConfig | Mapping) -> bool:
+    """Whether the run's model config is a formula model (it has a ``formula``)."""
+    return bool(cfg.get("model") is not None and cfg["model"].get("formula"))
+
+
+def method_name(method_cfg: Mapping[str, Any]) -> str:
+    """``method.name``, else the NLME method config's estimator name (``laplace``)."""
+    return str(method_cfg.get("name") or (method_cfg.get("estimator") or {}).get("name") or "")
+
+
+def resolve_method(family: str, method: str) -> str:
+    """``ml``/``reml`` for Gaussian fits, ``laplace`` for the others; raises SetupError."""
+    if family not in FAMILIES:
+        raise SetupError(f"model.family must be one of {', '.join(FAMILIES)} (got {family!r})")
+    if method == "mcem":
+        return "mcem"
+    if method == "vi":
+        raise SetupError("method=vi is not available for formula models yet; use method=ml, "
+                         "method=reml (gaussian), method=laplace or method=mcem")
+    if family == "gaussian":
+        if method in ("ml", "laplace"):
+            return "ml"
+        if method == "reml":
+            return "reml"
+    elif method in ("laplace", "ml"):
+        return "laplace"
+    raise SetupError(f"method={method} does not fit a {family} formula model; use "
+                     + ("method=ml or method=reml" if family == "gaussian" else "method=laplace"))
+
+
+def fit_design(design: MixedDesign, family: str, link: str | None, method: str,
+               max_iter: int, se: bool, method_cfg: Mapping[str, Any] | None = None) -> MixedFit:
+    """The fit of ``design`` by ``method`` (``ml``, ``reml``, ``laplace`` or ``mcem``)."""
+    if method == "mcem":
+        keys = MCEMOptions.__dataclass_fields__
+        options = MCEMOptions(**{k: v for k, v in (method_cfg or {}).items() if k in keys})
+        try:
+            return fit_mcem(design, family, link, options)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from exc
+    if family == "gaussian":
+        if link not in (None, "identity"):
+            raise SetupError(f"family gaussian has only the identity link (got {link!r})")
+        return fit_lmm(design, reml=method == "reml", max_iter=max_iter)
+    try:
+        return fit_glmm(design, family, link, max_iter=max_iter, se=se)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+
+
+def load_design(cfg: DictConfig) -> tuple[MixedDesign, pd.DataFrame | None, str]:
+    """``(design of the fit rows, held-out rows or None, source)`` of the run's config."""
+    data, model = plain(cfg.data), plain(cfg.model)
+    try:
+        table, source = load_table(data)
+        formula = parse_formula(model["formula"])
+        fit_rows, held = split_rows(
+            table, float(data.get("heldout_fraction") or 0.0), int(data.get("split_seed") or 0)
+        )
+    except (FormulaError, ValueError) as exc:
+        raise SetupError(f"model=mixed: {exc}") from exc
+    if model.get("family") == "ordinal":
+        check_ordinal(fit_rows, formula.response, source)
+    design = build_design(fit_rows, formula, source, factors=data.get("factors") or ())
+    return design, held, source
+
+
+def check_ordinal(table: pd.DataFrame, response: str, source: str) -> None:
+    """Ordinal responses must be integer ratings."""
+    from deepnlme.data.errors import DataValidationError
+
+    if response not in table.columns:
+        return
+    col = pd.to_numeric(table[response], errors="coerce")
+    bad = col.isna() | (col != col.round())
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise DataValidationError(
+            f"{source}: row {row + 1}, column {response}: an ordinal response must be an "
+            f"integer rating (got {table[response].iloc[row]!r})"
+        )
+
+
+def device_of(cfg: DictConfig) -> str:
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SetupError("trainer=gpu: no CUDA device is available")
+        return "cuda"
+    return "cpu"
+
+
+def modes_table(fit: MixedFit) -> pd.DataFrame:
+    """One row per level and random-effect column: mode and conditional SD."""
+    frames = []
+    for m in fit.modes:
+        for j, name in enumerate(m.names):
+            frames.append(pd.DataFrame({
+                "group": m.group, "level": m.levels, "name": name,
+                "mode": m.mode[:, j], "cond_sd": m.sd[:, j],
+            }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Fit the formula model of ``cfg`` and write the run's outputs into ``output_dir``."""
+    set_threads(cfg)
+    torch.manual_seed(int(cfg.seed))
+    model = plain(cfg.model)
+    family = str(model.get("family") or "gaussian")
+    method = resolve_method(family, method_name(plain(cfg.method)))
+    start = time.perf_counter()
+    design, held, source = load_design(cfg)
+    device = device_of(cfg)
+    design.to(device)
+    method_cfg = {**plain(cfg.method), "seed": int(cfg.seed)}
+    fit = fit_design(design, family, model.get("link"), method,
+                     int(model.get("max_iter") or 500), bool(cfg.get("se", True)), method_cfg)
+    fit_seconds = time.perf_counter() - start
+    fitted = FittedMixed.from_fit(fit, design, {"model": model, "data": plain(cfg.data)})
+    summary = fit.summary()
+    summary.pop("fit_seconds", None)
+    results: dict[str, Any] = {
+        "model": "mixed", "method": method, "data": str(cfg.data.name),
+        "formula": design.formula.text, "n_groups": {t.group: t.n_levels for t in design.terms},
+        **summary, "ofv": fit.deviance, "fit_seconds": fit_seconds,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    modes_table(fit).to_csv(output_dir / "ranef.csv", index=False)
+    save_effect_histograms(fit.modes, output_dir / "ranef_hist.png")
+    if held is not None:
+        predictions = fitted.predict(held, f"{source} (held-out rows)")
+        if "y" in predictions:
+            unseen = _unseen_rows(fitted, held, source)
+            results["heldout"] = heldout_metrics(predictions, unseen)
+            save_residual_histogram(
+                predictions["residual"].to_numpy(), output_dir / "heldout_residuals.png",
+                f"held-out residuals (RMSE {results['heldout']['rmse']:.4f})",
+            )
+        predictions.to_csv(output_dir / "heldout_predictions.csv", index=False)
+    fitted.save(output_dir / "checkpoints" / "last.ckpt")
+    write_results(output_dir / "results.json", results)
+    log.info("loglik %.4f  converged %s (%d iterations, %.1f s)  -> %s", fit.loglik,
+             fit.converged, fit.n_iter, fit_seconds, output_dir)
+    return results
+
+
+def _unseen_rows(fitted: FittedMixed, table: pd.DataFrame, source: str) -> int:
+    from deepnlme.mixed.design import group_labels
+
+    unseen = torch.zeros(len(table), dtype=torch.bool)
+    for t in fitted._terms():
+        known = set(t.levels)
+        labels = group_labels(table, t.group_columns)
+        unseen |= torch.as_tensor([s not in known for s in labels])
+    return int(unseen.sum())
+
+
+def is_mixed_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a formula-model checkpoint."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the NLME loader
+        return False
+    return isinstance(data, dict) and CHECKPOINT_KEY in data
+
+
+def predict_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """``predict.py`` for a formula-model checkpoint: predictions for the rows of ``data``
+    (the checkpoint's training table when no ``data=`` is given)."""
+    set_threads(cfg)
+    try:
+        fitted = FittedMixed.load(str(cfg.ckpt_path))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise SetupError(f"cannot load checkpoint {cfg.ckpt_path}: {exc}") from exc
+    data = plain(cfg.data) if cfg.get("data") is not None else dict(fitted.config["data"])
+    try:
+        table, source = load_table(data)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+    predictions = fitted.predict(table, source)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(output_dir / "predictions.csv", index=False)
+    results: dict[str, Any] = {
+        "model": "mixed", "data": str(data.get("name")), "ckpt_path": str(cfg.ckpt_path),
+        "formula": fitted.formula_text, "n_obs": len(table),
+    }
+    if "y" in predictions:
+        results["metrics"] = heldout_metrics(predictions, _unseen_rows(fitted, table, source))
+    write_results(output_dir / "results.json", results)
+    log.info("predicted %d rows -> %s", len(table), output_dir)
+    return results
