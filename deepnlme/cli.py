@@ -90,14 +90,15 @@ def open_init_overrides(args: list[str]) -> list[str]:
 
 def objective(results: Mapping[str, Any], metric: str | None) -> float | None:
     """The value a sweeper optimizes: ``results[metric]``, dotted for nested entries
-    (``"ofv"``, ``"heldout.loglik"``); None when ``metric`` is empty.
+    (``"ofv"``, ``"heldout.loglik"``); None when ``metric`` is empty or there are no results
+    (the ranks of a data-parallel fit other than the one that reports).
 
     A non-finite value is returned as NaN (Optuna records the trial as failed).
 
     Raises:
         SetupError: ``results`` has no such (numeric) entry.
     """
-    if not metric:
+    if not metric or not results:
         return None
     value: Any = results
     for key in str(metric).split("."):
