@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,8 @@ def _unseen_rows(fitted: FittedMixed, table: pd.DataFrame, source: str) -> int:
 
 def is_mixed_checkpoint(path: str) -> bool:
     """Whether ``path`` is a formula-model checkpoint."""
+    if not zipfile.is_zipfile(path):  # not a checkpoint at all: the NLME loader says why
+        return False
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - unreadable files are reported by the NLME loader
