@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from deepnlme import diagnostics
 from deepnlme.data.population import Population
 from deepnlme.diagnostics.predictions import observation_table
+from deepnlme.training.regimen import regimen_run
 from deepnlme.fitted import FittedModel
 from deepnlme.training import build, commands
 
@@ -83,7 +84,10 @@ def _options(cfg: DictConfig) -> tuple[int, int, int, dict]:
 
 
 def simulate(cfg: DictConfig, output_dir: Path) -> dict:
-    """Simulate the replicates, write the VPC and the run's outputs; returns results.json."""
+    """Simulate the replicates, write the VPC and the run's outputs; returns results.json.
+    With ``regimen.amt`` or ``regimen.path``: predictions under that regimen instead."""
+    if cfg.get("regimen") and (cfg.regimen.amt is not None or cfg.regimen.path):
+        return regimen_run(cfg, output_dir)
     n_replicates, seed, batch_subjects, options = _options(cfg)
     fitted, pop, head = commands.load_run(cfg)
     if pop.n_obs == 0:

@@ -35,6 +35,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
     fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
+    regimen_pop = build.load_regimen_data(cfg.data, dtype)
     model, model_args = build.build_model(cfg.model, dtype)
     build.check_data(model, fit_pop)
     estimator = build.build_estimator(cfg.method, model)
@@ -58,6 +59,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     evaluations = [diagnostics.evaluate(model, estimator, fit_pop, "fit")]
     if heldout_pop is not None:
         evaluations.append(diagnostics.evaluate(model, estimator, heldout_pop, "heldout"))
+    if regimen_pop is not None:
+        build.check_data(model, regimen_pop)
+        evaluations.append(
+            diagnostics.evaluate(model, estimator, regimen_pop, "heldout_regimen")
+        )
     results = {
         **names,
         **diagnostics.likelihood_summary(model, evaluations[0]),
@@ -72,8 +78,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
             log.info("no standard errors: the model has parameters besides θ, Ω and σ")
         else:
             results["se"] = se
-    if heldout_pop is not None:
-        results["heldout"] = evaluations[1].metrics()
+    for evaluation in evaluations[1:]:
+        results[evaluation.split] = evaluation.metrics()
     diagnostics.write_results(output_dir / "results.json", results)
     diagnostics.write_tables(output_dir, evaluations, model, se=se)
     log.info(

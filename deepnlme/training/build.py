@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepnlme.data.errors import DataValidationError
 from deepnlme.data.population import Population
-from deepnlme.data.sources import load_from_config
+from deepnlme.data.sources import load_from_config, load_heldout_regimen
 from deepnlme.data.split import split_heldout
 from deepnlme.fitted import check_model_data, default_dtype, import_object
 from deepnlme.inference.optimize import OuterOptions
@@ -101,6 +101,15 @@ def load_data(
     except DataValidationError:
         raise
     except (ValueError, TypeError, ImportError, OSError) as exc:
+        raise SetupError(f"data {config.get('name')!r}: {_message(exc)}") from exc
+
+
+def load_regimen_data(data_cfg: DictConfig | Mapping, dtype: torch.dtype) -> Population | None:
+    """The data config's held-out regimen (``heldout_regimen``), or None."""
+    config = plain(data_cfg)
+    try:
+        return load_heldout_regimen(config, dtype=dtype)
+    except (ValueError, TypeError) as exc:
         raise SetupError(f"data {config.get('name')!r}: {_message(exc)}") from exc
 
 
