@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 from deepnlme import diagnostics
 from deepnlme.data.population import Population
 from deepnlme.diagnostics.predictions import observation_table
-from deepnlme.training.regimen import regimen_run
 from deepnlme.fitted import FittedModel
 from deepnlme.training import build, commands
+from deepnlme.training.regimen import regimen_run
 
 log = logging.getLogger("deepnlme.simulate")
 

@@ -156,9 +156,8 @@ def read_dosing_table(path: str | Path) -> pd.DataFrame:
         bad = values.isna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise RegimenError(
-                f"{source}: row {row + 2}, column {column}: not a number ({raw[column].iloc[row]!r})"
-            )
+            text = raw[column].iloc[row]
+            raise RegimenError(f"{source}: row {row + 2}, column {column}: not a number ({text!r})")
         table[column] = values
     for row, record in enumerate(table.itertuples(index=False)):
         regimen = Regimen(
