@@ -1,13 +1,19 @@
-"""General dynamics by numerical integration (torchdiffeq), batched over subjects.
+"""General dynamics by numerical integration, batched over subjects.
 
 ``OdeDynamics(rhs, compartments, ...)`` integrates ``dA/dt = rhs(t, A, indiv) + infusions``
 with doses applied as in NONMEM (see :mod:`deepnlme.dynamics.dosing`):
 
 * every subject is integrated over its own sorted sequence of events (dose starts, infusion
-  ends, steady-state starts, observations). Step ``k`` integrates, for all subjects at once,
-  the segment ``[a_k, b_k]`` between a subject's events ``k-1`` and ``k``, re-parametrised to
-  ``s in [0, 1]`` (``t = a_k + s·(b_k - a_k)``), so one batched ``odeint`` call handles one
-  segment of every subject and no dose discontinuity is smoothed over;
+  ends, steady-state starts, observations). Segment ``k`` of every subject, between its
+  events ``k-1`` and ``k``, is mapped onto the common pseudo-time interval ``[k, k+1]``
+  (``t = a_k + s·(b_k - a_k)``, the right-hand side scaled by the segment's length), so one
+  integrator advances all subjects at once (:mod:`deepnlme.dynamics._solvers`; no loop over
+  subjects, no solver call per segment) and no dose discontinuity is smoothed over;
+* solvers by name: ``dopri5`` (adaptive, own batched implementation: the step is accepted
+  when the worst subject's error passes), fixed-step ``rk4`` / ``midpoint`` / ``euler``
+  (``ceil(length / max_step)`` steps per segment), any other torchdiffeq method, and
+  ``adjoint=True`` (torchdiffeq's ``odeint_adjoint`` per pseudo-time unit, for memory);
+  the code is device- and dtype-agnostic (tensors are created on the inputs' device, dtype);
 * boluses are jumps added at their (lagged) time; infusions add a constant rate input on the
   segments they cover; observations at a dose time see the dose;
 * a new epoch (reset) sets the state to zero at the first event of the epoch (exact for
@@ -21,7 +27,7 @@ with doses applied as in NONMEM (see :mod:`deepnlme.dynamics.dosing`):
   NONMEM). Doses of the train that are still infusing at the record time continue after it.
   Lag >= II is not supported here (the closed forms support it).
 
-Gradients flow through ``odeint`` by ordinary autograd (``rhs`` may be an ``nn.Module``); the
+Gradients flow through the solver by ordinary autograd (``rhs`` may be an ``nn.Module``); the
 steady state's gradient follows the implicit function theorem (exact for a linear ``rhs``,
 first-order exact otherwise). An ``rhs`` may define ``prepare(indiv) -> dict`` to compute
 per-subject quantities once per forward (e.g. a rate matrix); the returned dict (tensors with
@@ -30,15 +36,16 @@ subjects on the first axis) is what ``rhs`` then receives as ``indiv``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchdiffeq import odeint
 
 from deepnlme.data.population import Population
+from deepnlme.dynamics import _solvers
 from deepnlme.dynamics.base import Dynamics
 from deepnlme.dynamics.closed_form import (
     LinearCompartmentModel,
@@ -54,6 +61,7 @@ def _row_max_rms(x: Tensor) -> Tensor:
     """Error norm for batched subjects: the largest per-subject RMS (rows = subjects).
 
     Detached: step sizes are not differentiated (and a zero error gives no NaN gradient).
+    Used by the torchdiffeq methods.
     """
     x = x.detach()
     if x.dim() < 2:
@@ -75,11 +83,14 @@ class LinearRhs(nn.Module):
     def forward(self, t: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
         """``t`` ``(N,)``, ``amounts`` ``(N, C)`` -> ``dA/dt`` ``(N, C)`` (amount/time)."""
         k = indiv["_rate_matrix"] if "_rate_matrix" in indiv else self.model.rate_matrix(indiv)
-        return torch.einsum("nij,nj->ni", k, amounts)
+        return torch.matmul(k, amounts.unsqueeze(-1)).squeeze(-1)
 
 
 class OdeDynamics(Dynamics):
     """Dynamics defined by a right-hand side, integrated numerically with doses as events.
+
+    ``difference_hessians``: the estimators' mode searches take η-Hessians by differences of
+    gradients (one batched gradient instead of K reverse passes through the solve).
 
     Args:
         rhs: ``rhs(t, amounts, indiv) -> dA/dt``; ``t`` ``(N,)`` per-subject times,
@@ -88,11 +99,22 @@ class OdeDynamics(Dynamics):
         compartments: compartment names (CMT numbering is 1-based in this order).
         default_dose_cmt, default_obs_cmt: 1-based CMT used where the data says 0.
         required: individual parameters ``rhs`` needs.
-        method, rtol, atol, options: passed to :func:`torchdiffeq.odeint`; the default error
-            norm is the largest per-subject RMS, so that no subject is under-resolved.
+        method: solver by name: ``"dopri5"`` (adaptive, the default), ``"rk4"``,
+            ``"midpoint"``, ``"euler"`` (fixed step), or any other torchdiffeq method.
+        rtol, atol: error tolerances of the adaptive solvers (per-subject RMS norm; the worst
+            subject decides, so that no subject is under-resolved).
+        max_step: longest step in time units (fixed-step solvers: each segment of the event
+            grid takes ``ceil(length / max_step)`` equal steps; adaptive: a cap).
+        min_steps: fewest steps per segment for the fixed-step solvers (default 1).
+        adjoint: integrate by torchdiffeq's ``odeint_adjoint`` (memory independent of the
+            number of steps, at about twice the time of a gradient).
+        options: torchdiffeq options for its methods; ``{"step_size": h}`` with a fixed-step
+            solver means ``min_steps = ceil(1 / h)`` (h as a share of each segment).
         ss_rtol, ss_atol: steady-state tolerance on the Newton step (default 10× rtol / atol).
         ss_max_iter: most Newton steps towards steady state.
     """
+
+    difference_hessians = True
 
     def __init__(
         self,
@@ -106,6 +128,9 @@ class OdeDynamics(Dynamics):
         rtol: float = 1e-6,
         atol: float = 1e-9,
         options: dict | None = None,
+        max_step: float | None = None,
+        min_steps: int = 1,
+        adjoint: bool = False,
         ss_rtol: float | None = None,
         ss_atol: float | None = None,
         ss_max_iter: int = 50,
@@ -120,6 +145,11 @@ class OdeDynamics(Dynamics):
         self.rtol = rtol
         self.atol = atol
         self.options = {"norm": _row_max_rms, **(options or {})}
+        if "step_size" in self.options and method in _solvers.FIXED:
+            min_steps = max(min_steps, math.ceil(1.0 / float(self.options["step_size"]) - 1e-9))
+        self.max_step = max_step
+        self.min_steps = int(min_steps)
+        self.adjoint = bool(adjoint)
         self.ss_rtol = 10 * rtol if ss_rtol is None else ss_rtol
         self.ss_atol = 10 * atol if ss_atol is None else ss_atol
         self.ss_max_iter = ss_max_iter
@@ -140,21 +170,29 @@ class OdeDynamics(Dynamics):
         )
 
     # ------------------------------------------------------------------ integration
+    @property
+    def solver(self) -> _solvers.SolverOptions:
+        """The solver settings (:class:`deepnlme.dynamics._solvers.SolverOptions`)."""
+        opts = {k: v for k, v in self.options.items() if k != "step_size"}
+        return _solvers.SolverOptions(
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_step=self.max_step,
+            min_steps=self.min_steps,
+            adjoint=self.adjoint,
+            options=opts,
+        )
+
     def _integrate(
         self, x: Tensor, start: Tensor, length: Tensor, rate: Tensor, indiv: Mapping[str, Tensor]
     ) -> Tensor:
         """State after integrating rows of ``x`` ``(B, C)`` from ``start`` over ``length``
         (both ``(B,)``, time units) with the constant input ``rate`` ``(B, C)``."""
-        scale = length[:, None]
-
-        def func(s: Tensor, y: Tensor) -> Tensor:
-            return scale * (self.rhs(start + s * length, y, indiv) + rate)
-
-        grid = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
-        sol = odeint(
-            func, x, grid, method=self.method, rtol=self.rtol, atol=self.atol, options=self.options
+        out = _solvers.integrate(
+            self.rhs, indiv, x, start[:, None], length[:, None], rate[:, None], self.solver
         )
-        return sol[-1]
+        return out[:, -1]
 
     @staticmethod
     def _newton_step(
@@ -320,16 +358,11 @@ class OdeDynamics(Dynamics):
         )
         seg_rate = torch.einsum("nkj,njc->nkc", covers.to(dtype), i_rate)
 
-        needed = (length > 0).any(0).tolist()
-        x = jumps.new_zeros(jumps.shape[0], n_cmt)
-        states = []
-        for k in range(n_events):
-            x = torch.where(same[:, k, None], x, 0.0)
-            if needed[k]:
-                x = self._integrate(x, seg_start[:, k], length[:, k], seg_rate[:, k], rhs_indiv)
-            x = x + jumps[:, k]
-            states.append(x)
-        states = torch.stack(states, 1)  # (N, K', C)
+        x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
+        inputs_rate = seg_rate if doses.flags.infusion else None
+        states = _solvers.integrate(  # (N, K', C): one batched solve over every event grid
+            self.rhs, rhs_indiv, x0, seg_start, length, inputs_rate, self.solver, same, jumps
+        )
 
         inverse = torch.empty_like(order).scatter_(
             1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
