@@ -52,10 +52,12 @@ def build(name: str, seed: int):
     return NeuralODEPKModel(COVARIATES, seed=seed, **model_config("neural_pk"))
 
 
-def run_one(name: str, seed: int, n_subjects: int, method: str, max_iter: int) -> dict:
+def run_one(
+    name: str, seed: int, n_subjects: int, method: str, max_iter: int, n_regimen: int = 50
+) -> dict:
     pop = synthetic_pk(n_subjects, seed=seed, dtype=torch.float64)
     fit_pop, held = split_heldout(pop, 0.25, seed)
-    regimen = synthetic_pk_regimen(50, seed=seed, dtype=torch.float64)
+    regimen = synthetic_pk_regimen(n_regimen, seed=seed, dtype=torch.float64)
     model = build(name, seed).double()
     hessian, interaction = {"focei": ("expected", True), "laplace": ("exact", True)}[method]
     est = LaplaceEstimator(model, hessian=hessian, interaction=interaction,
@@ -66,7 +68,7 @@ def run_one(name: str, seed: int, n_subjects: int, method: str, max_iter: int) -
     row = {
         "seed": seed, "model": name, "method": method, "fit_seconds": round(seconds, 1),
         "n_iter": result.n_iter, "grad_max": result.grad_max, "converged": result.converged,
-        "fit_loglik": -result.loss,
+        "fit_loglik": -result.loss, "n_subjects": n_subjects, "max_iter": max_iter,
     }
     for split, subjects in (("heldout", held), ("heldout_regimen", regimen)):
         metrics = diagnostics.evaluate(model, est, subjects, split).metrics()
@@ -78,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-subjects", type=int, default=200)
+    parser.add_argument("--n-regimen", type=int, default=50, help="held-out regimen subjects")
     parser.add_argument("--method", default="focei", choices=["focei", "laplace"])
     parser.add_argument("--max-iter", type=int, default=500)
     parser.add_argument("--models", nargs="+",
@@ -91,7 +94,9 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seed in args.seeds:
         for name in args.models:
-            row = run_one(name, seed, args.n_subjects, args.method, args.max_iter)
+            row = run_one(
+                name, seed, args.n_subjects, args.method, args.max_iter, args.n_regimen
+            )
             h, r = row["heldout"], row["heldout_regimen"]
             print(
                 f"| {seed} | {name} | {row['fit_seconds']:.0f} | {row['n_iter']} | "
