@@ -17,7 +17,8 @@ of subjects by construction).
 
 Usage::
 
-    python scripts/benchmark_ode.py --sizes 1000 10000 100000 [--device cuda --dtype float32]
+    python scripts/benchmark_ode.py --sizes 1000 10000 100000 [--modes batched adjoint]
+        [--device cuda --dtype float32]
 """
 
 from __future__ import annotations
@@ -164,7 +165,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--naive-subset", type=int, default=20)
-    ap.add_argument("--adjoint", action="store_true", help="also time adjoint=True")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["batched"],
+        choices=["batched", "adjoint"],
+        help="batched: autograd through the solver; adjoint: adjoint=True (less memory)",
+    )
     ap.add_argument("--method", default="dopri5")
     ap.add_argument("--rtol", type=float, default=1e-6)
     ap.add_argument("--atol", type=float, default=1e-8)
@@ -198,9 +205,8 @@ def main() -> None:
         f"{'subjects':>9} {'mode':>8} {'seconds':>9} {'peak MB':>9} {'naive s (extrap.)':>18} "
         f"{'speed-up':>9}"
     )
-    modes = ["batched", "adjoint"] if args.adjoint else ["batched"]
     for n in args.sizes:
-        for mode in modes:
+        for mode in args.modes:
             r = run_child(n, mode, argv)
             if "error" in r:
                 print(f"{n:>9} {mode:>8} failed: {r['error']}")

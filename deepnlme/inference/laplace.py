@@ -24,6 +24,7 @@ from deepnlme.inference.inner import (
     InnerResult,
     absolute_eigenvalues,
     find_modes,
+    use_differences,
 )
 from deepnlme.inference.joint import NegLogJoint
 from deepnlme.model.base import NLMEModel
@@ -104,7 +105,12 @@ class LaplaceEstimator:
         else:
             # Expected information at the modes: one more evaluation, with its own η leaf.
             leaf = result.eta.detach().requires_grad_(True)
-            terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
+            if use_differences(self.joint, self.inner):
+                terms, d_mean, d_var = self.joint.gaussian_jacobians_by_differences(
+                    leaf, pop, variance0, self.inner.difference_step
+                )
+            else:
+                terms, d_mean, d_var = self.joint.gaussian_jacobians(leaf, pop, variance0)
             curvature = self.joint.expected_information(d_mean, d_var, terms.variance, pop.obs_mask)
             logdet = _logdet(curvature)
         return _LaplaceTerms(leaf, logdet, chol.detach(), result)

@@ -9,7 +9,9 @@ import torch
 
 from deepnlme.data import load_dataset
 from deepnlme.dynamics import OdeDynamics, OneCmtOral
-from deepnlme.inference import Laplace
+from deepnlme.inference import FOCEI, Laplace
+from deepnlme.inference.inner import difference_hessian
+from deepnlme.inference.joint import NegLogJoint
 from deepnlme.inference.optimize import objective_and_gradient, trainable
 from deepnlme.model.zoo.ode_pk import TwoCmtMMOralModel
 from deepnlme.model.zoo.pk import OneCmtOralModel
@@ -46,11 +48,11 @@ def test_ode_one_cmt_oral_has_the_closed_form_optimum():
 
 
 def test_laplace_gradient_through_the_ode_equals_finite_differences():
-    """Michaelis–Menten two-compartment model on three Theophylline subjects (fixed-step RK4:
+    """Michaelis–Menten two-compartment model on four Theophylline subjects (fixed-step RK4:
     the discrete solution is smooth in every parameter); directional derivative of the
     Laplace objective along a random direction of the raw parameters."""
-    pop = load_dataset("theophylline").subset([0, 5, 9])
-    model = TwoCmtMMOralModel(solver={"method": "rk4", "max_step": 1.0})
+    pop = load_dataset("theophylline").subset([0, 3, 6, 9])
+    model = TwoCmtMMOralModel(solver={"method": "rk4", "max_step": 0.5})
     est = Laplace(model, inner={"gtol": 1e-10})
     params = trainable(model)
     torch.manual_seed(0)
@@ -70,3 +72,44 @@ def test_laplace_gradient_through_the_ode_equals_finite_differences():
                 p.sub_(sign * eps * d)
     numeric = (values[0] - values[1]) / (2 * eps)
     assert float(analytic) == pytest.approx(numeric, rel=1e-5, abs=1e-6)
+
+
+def test_difference_derivatives_equal_autograd():
+    """η-Hessian and FOCEI Jacobians by differences equal reverse mode (closed-form model),
+    and so do the parameter gradients of what is built from them."""
+    pop = load_dataset("theophylline")
+    model = OneCmtOralModel(error="combined", init=OPTIMUM)
+    joint = NegLogJoint(model)
+    eta = 0.3 * torch.randn(len(pop), 3, generator=torch.Generator().manual_seed(1))
+    leaf = eta.clone().requires_grad_(True)
+    nll, grad, hess = joint.exact_hessian(leaf, pop, create_graph=True)
+    f_d, g_d, h_d = difference_hessian(joint, leaf, pop, None, 1e-5, create_graph=True)
+    torch.testing.assert_close(f_d, nll, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_d, grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_d, hess, rtol=1e-7, atol=1e-7)
+    params = trainable(model)
+    exact = torch.autograd.grad(torch.logdet(hess).sum(), params)
+    approx = torch.autograd.grad(torch.logdet(h_d).sum(), params)
+    for a, e in zip(approx, exact, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+    terms, d_mean, d_var = joint.gaussian_jacobians(leaf, pop)
+    terms_d, d_mean_d, d_var_d = joint.gaussian_jacobians_by_differences(leaf, pop, None, 1e-5)
+    torch.testing.assert_close(terms_d.nll, terms.nll, rtol=1e-12, atol=0)
+    torch.testing.assert_close(d_mean_d, d_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(d_var_d, d_var, rtol=1e-7, atol=1e-8)
+
+
+def test_ode_focei_equals_closed_form_focei():
+    """FOCEI through the ODE (expected information by differences) equals the closed form's
+    (reverse mode): objective and gradient at the same parameters."""
+    pop = load_dataset("theophylline")
+    results = []
+    for ode in (False, True):
+        model = OneCmtOralModel(error="additive", init=OPTIMUM)
+        if ode:
+            model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-8, atol=1e-10)
+        loss, loglik, _ = objective_and_gradient(FOCEI(model), pop)
+        results.append((loglik, torch.cat([p.grad.flatten() for p in trainable(model)])))
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-4)

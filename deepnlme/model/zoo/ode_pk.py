@@ -9,6 +9,10 @@ from the central compartment (saturable clearance), η on (ka, vmax, v), Pumas-s
 
 Units follow the data: with doses in mg/kg and concentrations in mg/L (Theophylline) ``v``
 and ``vp`` are L/kg, ``q`` L/h/kg, ``vmax`` mg/h/kg and ``km`` mg/L.
+
+Theophylline's concentrations stay in the linear range: a Laplace fit there sends ``vmax``
+and ``km`` to very large values with ``vmax/km`` (≈ 0.038 L/h/kg, the clearance) determined;
+data with saturation (higher doses) identify both.
 """
 
 from __future__ import annotations
