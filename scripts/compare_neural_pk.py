@@ -6,7 +6,8 @@ plus the held-out regimen (new subjects on 100 mg every 12 h, 7 doses). Every mo
 proportional error and is fitted by the same estimator (FOCEI by default, as the main job) and
 L-BFGS (restarted when it stops early) on the fit split in float64; then, with every parameter
 fixed, evaluated on the held-out subjects and on the held-out regimen: marginal
-log-likelihood (η̂ from each subject's own data), RMSE of population predictions (PRED, η = 0) and individual predictions (IPRED).
+log-likelihood (η̂ from each subject's own data), RMSE of population predictions (PRED,
+η = 0) and individual predictions (IPRED).
 
 * ``classical``: ``OneCmtOralModel(error="proportional")``, no covariates;
 * ``deep_compartment``: ``NeuralPKModel`` (``configs/model/deep_compartment.yaml``);
