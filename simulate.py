@@ -88,7 +88,12 @@ def _options(cfg: DictConfig) -> tuple[int, int, int, dict]:
 
 
 def simulate(cfg: DictConfig, output_dir: Path) -> dict:
-    """Simulate the replicates, write the VPC and the run's outputs; returns results.json."""
+    """Simulate the replicates, write the VPC and the run's outputs; returns results.json.
+    With ``regimen.amt`` or ``regimen.path``: predictions under that regimen instead."""
+    if cfg.get("regimen") and (cfg.regimen.amt is not None or cfg.regimen.path):
+        from deepnlme.training.regimen import regimen_run
+
+        return regimen_run(cfg, output_dir)
     n_replicates, seed, batch_subjects, options = _options(cfg)
     from deepnlme import diagnostics
     from deepnlme.diagnostics.predictions import observation_table

@@ -43,6 +43,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
     fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
+    regimen_pop = build.load_regimen_data(cfg.data, dtype)
     options = build.diagnostic_options(cfg)
     checkpoint = _resume_checkpoint(cfg.ckpt_path)
 
@@ -73,6 +74,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     evaluations = [diagnostics.evaluate(model, estimator, fit_pop, "fit")]
     if heldout_pop is not None:
         evaluations.append(diagnostics.evaluate(model, estimator, heldout_pop, "heldout"))
+    if regimen_pop is not None:
+        build.check_data(model, regimen_pop)
+        evaluations.append(
+            diagnostics.evaluate(model, estimator, regimen_pop, "heldout_regimen")
+        )
     warnings = summary.pop("warnings", [])
     results = {
         **names,

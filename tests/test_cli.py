@@ -335,11 +335,14 @@ def test_user_model_class_from_the_working_directory(tmp_path):
 
 @pytest.mark.slow
 def test_main_job_runs(tmp_path):
-    short = ("trainer.max_epochs=1", "method.iterations_per_epoch=4", "data.n_subjects=40")
+    short = ("trainer.max_epochs=1", "method.iterations_per_epoch=4", "data.n_subjects=24",
+             "data.heldout_regimen.n_subjects=6")
     r = train(tmp_path, *short)
-    assert (r["model"], r["data"], r["method"]) == ("neural_pk", "synthetic_pk", "laplace")
+    assert (r["model"], r["data"], r["method"]) == ("neural_pk", "synthetic_pk", "focei")
     assert RESULT_KEYS <= set(r)
-    assert r["n_subjects"] == 30 and r["heldout"]["n_subjects"] == 10  # heldout_fraction 0.25
+    assert r["n_subjects"] == 18 and r["heldout"]["n_subjects"] == 6  # heldout_fraction 0.25
+    assert set(r["heldout_regimen"]) == set(r["heldout"])  # the same metrics
+    assert r["heldout_regimen"]["n_subjects"] == 6 and r["heldout_regimen"]["n_obs"] == 66
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 

@@ -61,7 +61,7 @@ def test_train_defaults_list():
     assert choices == {
         "data": "synthetic_pk",
         "model": "neural_pk",
-        "method": "laplace",
+        "method": "focei",
         "trainer": "default",
         "diagnostics": "default",
         "hydra": "default",
@@ -96,7 +96,7 @@ def test_main_job_is_the_default(hydra_configs):
     cfg = compose("train", return_hydra_config=True)
     assert cfg.hydra.runtime.choices.model == "neural_pk"
     assert cfg.hydra.runtime.choices.data == "synthetic_pk"
-    assert cfg.hydra.runtime.choices.method == "laplace"
+    assert cfg.hydra.runtime.choices.method == "focei"
 
 
 def test_run_dir_default_and_override(hydra_configs):

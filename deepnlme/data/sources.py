@@ -22,11 +22,11 @@ import torch
 from deepnlme.data.build import load_population
 from deepnlme.data.datasets import DATASETS, load_dataset
 from deepnlme.data.population import Population
-from deepnlme.data.synthetic import synthetic_pk
+from deepnlme.data.synthetic import synthetic_pk, synthetic_pk_regimen
 
-#: Keys of a data config that describe the train/held-out split and the minibatches, not the
-#: source.
-SPLIT_KEYS = ("heldout_fraction", "split_seed", "batch_subjects")
+#: Keys of a data config that describe the train/held-out split, the held-out regimen and the
+#: minibatches, not the source.
+SPLIT_KEYS = ("heldout_fraction", "split_seed", "heldout_regimen", "batch_subjects")
 SYNTHETIC = ("synthetic_pk",)
 
 
@@ -91,3 +91,33 @@ def load_from_config(config: Mapping[str, Any], dtype: torch.dtype | None = None
     if name is None:
         raise ValueError(f"data config needs a 'name' (one of {', '.join(source_names())})")
     return load_source(str(name), dtype=dtype, **options)
+
+
+def load_heldout_regimen(
+    config: Mapping[str, Any], dtype: torch.dtype | None = None
+) -> Population | None:
+    """The held-out regimen of a data config (``heldout_regimen``: options of
+    :func:`~deepnlme.data.synthetic.synthetic_pk_regimen`, the source's ``seed`` and
+    ``covariates`` applied), or None when the config has none.
+
+    Raises:
+        ValueError: a held-out regimen for a source that has none, or unknown options.
+    """
+    options = config.get("heldout_regimen")
+    if not options:
+        return None
+    name = config.get("name")
+    if name not in SYNTHETIC:
+        raise ValueError(
+            f"heldout_regimen is only available for data={SYNTHETIC[0]} (got data {name!r}); "
+            "evaluate other regimens with predict.py on their own file"
+        )
+    options = dict(options)
+    unknown = sorted(set(options) - {"n_subjects"})
+    if unknown:
+        raise ValueError(f"heldout_regimen takes only n_subjects, got {unknown}")
+    pop = synthetic_pk_regimen(
+        n_subjects=int(options.get("n_subjects", 50)), seed=int(config.get("seed", 0)), dtype=dtype
+    )
+    covariates = [str(c) for c in config.get("covariates") or ()]
+    return select_covariates(pop, covariates) if covariates else pop

@@ -1,5 +1,13 @@
-"""Neural-network blocks for NLME models (inputs: covariates and random effects η)."""
+"""Neural-network blocks for NLME models (inputs: covariates, random effects η, ODE states)."""
 
 from deepnlme.nn.mlp import ACTIVATIONS, CovariateEtaMLP, CovariateScaler, scaler_from_mapping
+from deepnlme.nn.rhs import StateNetwork, UniversalRhs
 
-__all__ = ["ACTIVATIONS", "CovariateEtaMLP", "CovariateScaler", "scaler_from_mapping"]
+__all__ = [
+    "ACTIVATIONS",
+    "CovariateEtaMLP",
+    "CovariateScaler",
+    "StateNetwork",
+    "UniversalRhs",
+    "scaler_from_mapping",
+]

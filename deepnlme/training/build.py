@@ -34,7 +34,7 @@ from deepnlme.cli import (  # noqa: F401  (the commands' names for these, re-exp
 from deepnlme.cli import one_line as _message
 from deepnlme.data.errors import DataValidationError
 from deepnlme.data.population import Population
-from deepnlme.data.sources import load_from_config
+from deepnlme.data.sources import load_from_config, load_heldout_regimen
 from deepnlme.data.split import split_heldout
 
 if TYPE_CHECKING:
@@ -83,6 +83,15 @@ def load_data(
     except DataValidationError:
         raise
     except (ValueError, TypeError, ImportError, OSError) as exc:
+        raise SetupError(f"data {config.get('name')!r}: {_message(exc)}") from exc
+
+
+def load_regimen_data(data_cfg: DictConfig | Mapping, dtype: torch.dtype) -> Population | None:
+    """The data config's held-out regimen (``heldout_regimen``), or None."""
+    config = plain(data_cfg)
+    try:
+        return load_heldout_regimen(config, dtype=dtype)
+    except (ValueError, TypeError) as exc:
         raise SetupError(f"data {config.get('name')!r}: {_message(exc)}") from exc
 
 

@@ -1,5 +1,5 @@
-"""The synthetic PK population: determinism, layout, agreement with its event table, and the
-nonlinearity of its true covariate effects."""
+"""The synthetic PK population (Michaelis–Menten elimination): determinism, layout, agreement
+with its event table, the true dynamics, and the held-out regimen."""
 
 from __future__ import annotations
 
@@ -15,9 +15,15 @@ from deepnlme.data.population import Population
 from deepnlme.data.sources import SPLIT_KEYS
 from deepnlme.data.synthetic import (
     COVARIATES,
+    DOSES,
+    REGIMEN,
+    REGIMEN_TIMES,
     TRUTH,
+    michaelis_menten_conc,
     one_cmt_oral_conc,
     synthetic_pk,
+    synthetic_pk_regimen,
+    synthetic_pk_regimen_table,
     synthetic_pk_table,
     true_parameters,
 )
@@ -39,153 +45,82 @@ def test_same_seed_identical_other_seed_different():
     assert not torch.equal(a.covariates, c.covariates)
 
 
-def test_pinned_values_for_seed_zero():
-    """Pins the data set: numpy's default_rng (PCG64) streams are the same on every machine."""
-    pop = synthetic_pk(3, seed=0, dtype=torch.float64)
-    expected_cov = [
-        [76.90986546037998, 19.10735158041145, 0.0, 200.0],
-        [73.04437556240809, 72.48910602641826, 0.0, 94.65101264777765],
-        [85.24868097628364, 79.15462367760736, 0.0, 78.89665087247079],
-    ]
-    torch.testing.assert_close(pop.covariates, torch.tensor(expected_cov, dtype=torch.float64))
-    expected_dv = [
-        [0.4839642180500294, 0.004901843758052044],
-        [0.5470227923264526, 0.057719391625802835],
-        [1.2323536030715958, 0.009780668786873838],
-    ]
-    torch.testing.assert_close(
-        pop.obs_dv[:, [0, -1]], torch.tensor(expected_dv, dtype=torch.float64)
-    )
-
-
 def test_shapes_and_layout():
     n, t = 12, 7
     pop = synthetic_pk(n, seed=1, n_obs=t, dtype=torch.float64)
     assert len(pop) == n and pop.n_obs == n * t
     assert pop.ids == [str(i + 1) for i in range(n)]
-    assert pop.covariate_names == list(COVARIATES)
-    assert pop.source == "synthetic_pk"
-    assert pop.obs_time.shape == (n, t) and pop.obs_time.dtype == torch.float64
-    assert pop.dose_time.shape == (n, 1)
-    assert pop.covariates.shape == (n, len(COVARIATES))
-    assert pop.obs_covariates.shape == (n, t, len(COVARIATES))
-    assert torch.equal(pop.obs_covariates, pop.covariates[:, None, :].expand(n, t, -1))
+    assert pop.covariate_names == list(COVARIATES) and pop.source == "synthetic_pk"
+    assert pop.obs_time.shape == (n, t) and pop.dose_time.shape == (n, 1)
     assert pop.obs_mask.all() and pop.dose_mask.all()
-    assert torch.equal(pop.subject_index, torch.arange(n))
     assert (pop.obs_cmt == 2).all() and (pop.dose_cmt == 1).all()
-    assert (pop.dose_amt == TRUTH["DOSE"]).all() and (pop.dose_time == 0).all()
-    assert (pop.dose_rate == 0).all() and (pop.dose_ss == 0).all()
-    assert (pop.obs_epoch == 0).all() and (pop.dose_epoch == 0).all()
-    assert (pop.obs_time > 0).all() and (pop.obs_time[:, 1:] >= pop.obs_time[:, :-1]).all()
-    assert float(pop.obs_time.max()) < 48.0 and float(pop.obs_time.min()) > 0.1
+    expected = torch.tensor([DOSES[i % 3] for i in range(n)], dtype=torch.float64)
+    assert torch.equal(pop.dose_amt[:, 0], expected) and (pop.dose_time == 0).all()
+    assert (pop.obs_time[:, 1:] >= pop.obs_time[:, :-1]).all()
+    assert float(pop.obs_time.min()) > 0.3 and float(pop.obs_time.max()) < 70.0
     assert (pop.obs_dv > 0).all()
     assert synthetic_pk(2, dtype=torch.float32).obs_dv.dtype == torch.float32
 
 
-def test_covariate_ranges():
-    pop = synthetic_pk(200, seed=0, dtype=torch.float64)
-    wt, age, sex, crcl = (pop.covariate(n) for n in COVARIATES)
-    assert 40 <= float(wt.min()) and float(wt.max()) <= 140
-    assert 18 <= float(age.min()) and float(age.max()) <= 85
-    assert set(sex.tolist()) == {0.0, 1.0}
-    assert 10 <= float(crcl.min()) and float(crcl.max()) <= 200
-
-
 def test_truth_in_meta_is_consistent():
-    pop = synthetic_pk(50, seed=2, dtype=torch.float64)
-    typ = true_parameters(*(pop.covariate(n).numpy() for n in ("WT", "AGE", "CRCL")))
-    for j, k in enumerate(("ka", "cl", "v")):
+    pop = synthetic_pk(30, seed=2, dtype=torch.float64)
+    typ = true_parameters(pop.covariate("WT").numpy(), pop.covariate("CRCL").numpy())
+    for j, k in enumerate(("ka", "vmax", "v")):
         np.testing.assert_allclose(pop.meta["true_typical"][k].numpy(), typ[k], rtol=1e-12)
         ind = pop.meta["true_typical"][k] * torch.exp(pop.meta["true_eta"][:, j])
         torch.testing.assert_close(pop.meta["true_individual"][k], ind)
-    ind = {k: v.numpy() for k, v in pop.meta["true_individual"].items()}
-    conc = one_cmt_oral_conc(pop.obs_time.numpy(), TRUTH["DOSE"], **ind)
-    np.testing.assert_allclose(pop.meta["true_conc"].numpy(), conc, rtol=1e-12)
     rel = (pop.obs_dv / pop.meta["true_conc"] - 1).flatten()
-    assert abs(float(rel.std()) - TRUTH["SIGMA_PROP"]) < 0.02  # proportional error of 10%
-    # Tensor and numpy evaluation of the true model agree.
-    typ_t = true_parameters(*(pop.covariate(n) for n in ("WT", "AGE", "CRCL")))
-    np.testing.assert_allclose(typ_t["cl"].numpy(), typ["cl"], rtol=1e-12)
+    assert abs(float(rel.std()) - TRUTH["SIGMA_PROP"]) < 0.03  # proportional error of 10%
 
 
-def test_truth_survives_subsetting():
-    pop = synthetic_pk(20, seed=0, dtype=torch.float64)
-    sub = pop.subset([3, 7, 11])
-    ind = pop.meta["true_individual"]["cl"][sub.subject_index]
-    torch.testing.assert_close(ind, pop.meta["true_individual"]["cl"][[3, 7, 11]])
+def test_true_dynamics_reduce_to_the_linear_closed_form_without_saturation():
+    """With VMAX = 0 the Michaelis–Menten model is linear (CL = CLL): RK4 = closed form."""
+    t = np.array([[0.5, 2.0, 7.0, 30.0], [1.0, 3.0, 12.0, 48.0]])
+    ka, v = np.array([0.8, 1.7]), np.array([35.0, 50.0])
+    indiv = {"ka": ka, "vmax": np.zeros(2), "v": v, "km": 1.0, "cll": 2.5}
+    conc = michaelis_menten_conc(t, np.zeros((2, 1)), np.full((2, 1), 100.0), indiv)
+    np.testing.assert_allclose(conc, one_cmt_oral_conc(t, 100.0, ka, np.full(2, 2.5), v),
+                               rtol=1e-9)
 
 
-def test_table_matches_population():
-    n, t = 9, 10
-    pop = synthetic_pk(n, seed=5, n_obs=t, dtype=torch.float64)
-    table = synthetic_pk_table(n, seed=5, n_obs=t)
-    assert list(table.columns) == ["ID", "TIME", "AMT", "DV", "EVID", "MDV", "CMT", *COVARIATES]
-    assert len(table) == n * (t + 1)
-    obs = table[table.EVID == 0]
-    doses = table[table.EVID == 1]
-    assert len(doses) == n and (doses.AMT == TRUTH["DOSE"]).all() and (doses.CMT == 1).all()
-    assert (obs.MDV == 0).all() and (obs.CMT == 2).all() and (doses.MDV == 1).all()
-    rows = pop.obs_row.flatten().numpy()
-    np.testing.assert_array_equal(table.DV.to_numpy()[rows], pop.obs_dv.flatten().numpy())
-    np.testing.assert_array_equal(table.TIME.to_numpy()[rows], pop.obs_time.flatten().numpy())
-    np.testing.assert_array_equal(table.ID.to_numpy()[rows], np.repeat(np.arange(1, n + 1), t))
-    for j, name in enumerate(COVARIATES):
-        np.testing.assert_array_equal(doses[name].to_numpy(), pop.covariates[:, j].numpy())
+def test_exposure_grows_more_than_proportionally_with_the_dose():
+    """Saturable elimination: dose-normalized concentrations rise with the dose."""
+    t = np.tile(np.linspace(0.5, 48, 40), (3, 1))
+    indiv = {"ka": np.ones(3), "vmax": np.full(3, 10.0), "v": np.full(3, 40.0),
+             "km": TRUTH["KM"], "cll": TRUTH["CLL"]}
+    doses = np.array(DOSES)[:, None]
+    conc = michaelis_menten_conc(t, np.zeros((3, 1)), doses, indiv)
+    auc_per_dose = conc.sum(1) / doses[:, 0]
+    assert auc_per_dose[1] > 1.15 * auc_per_dose[0] and auc_per_dose[2] > 1.2 * auc_per_dose[1]
 
 
 def test_table_through_the_data_layer(tmp_path):
-    """Writing the table as a csv and reading it back gives the same Population tensors."""
-    n = 6
-    path = tmp_path / "synthetic_pk.csv"
-    synthetic_pk_table(n, seed=1).to_csv(path, index=False, float_format="%.17g")
-    loaded = load_population(path, covariates=list(COVARIATES), dtype=torch.float64)
-    pop = synthetic_pk(n, seed=1, dtype=torch.float64)
-    for name in ("obs_time", "obs_dv", "obs_mask", "dose_time", "dose_amt", "covariates"):
-        torch.testing.assert_close(getattr(loaded, name), getattr(pop, name), msg=name)
-    assert torch.equal(loaded.obs_row, pop.obs_row)
-    assert loaded.ids == pop.ids
+    """Writing the tables as csv and reading them back gives the same Population tensors."""
+    for make, table in ((lambda: synthetic_pk(6, seed=1, dtype=torch.float64),
+                         synthetic_pk_table(6, seed=1)),
+                        (lambda: synthetic_pk_regimen(4, seed=1, dtype=torch.float64),
+                         synthetic_pk_regimen_table(4, seed=1))):
+        path = tmp_path / "table.csv"
+        table.to_csv(path, index=False, float_format="%.17g")
+        loaded = load_population(path, covariates=list(COVARIATES), dtype=torch.float64)
+        pop = make()
+        for name in ("obs_time", "obs_dv", "obs_mask", "dose_time", "dose_amt", "covariates"):
+            torch.testing.assert_close(getattr(loaded, name), getattr(pop, name), msg=name)
+        assert torch.equal(loaded.obs_row, pop.obs_row) and loaded.ids == pop.ids
 
 
-def _lstsq_rss(design: np.ndarray, y: np.ndarray) -> float:
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    r = y - design @ coef
-    return float(r @ r)
-
-
-def test_clearance_is_not_a_power_law_of_crcl():
-    crcl = np.linspace(15.0, 200.0, 200)
-    cl = true_parameters(np.full_like(crcl, 70.0), np.full_like(crcl, 40.0), crcl)["cl"]
-    x, y = np.log(crcl), np.log(cl)
-    ones = np.ones_like(x)
-    rss_power = _lstsq_rss(np.stack([ones, x], 1), y)
-    rss_quad = _lstsq_rss(np.stack([ones, x, x * x], 1), y)
-    # log CL is strongly concave in log CRCL (saturation): a power law leaves large errors.
-    assert rss_quad < 0.1 * rss_power
-    coef, *_ = np.linalg.lstsq(np.stack([ones, x, x * x], 1), y, rcond=None)
-    assert coef[2] < -0.1
-    # Also on the simulated subjects, the best power law misses by more than 10% somewhere.
-    pop = synthetic_pk(200, seed=0, dtype=torch.float64)
-    c, cl_i = pop.covariate("CRCL").numpy(), pop.meta["true_typical"]["cl"].numpy()
-    coef, *_ = np.linalg.lstsq(np.stack([np.ones_like(c), np.log(c)], 1), np.log(cl_i), rcond=None)
-    fitted = np.exp(coef[0] + coef[1] * np.log(c))
-    assert np.max(np.abs(fitted / cl_i - 1)) > 0.10
-
-
-def test_volume_age_effect_is_bell_shaped():
-    age = np.linspace(18.0, 85.0, 135)
-    v = true_parameters(np.full_like(age, 70.0), age, np.full_like(age, 90.0))["v"]
-    peak = int(np.argmax(v))
-    assert 0 < peak < len(age) - 1  # non-monotone: rises then falls
-    assert abs(age[peak] - TRUTH["AGE_PEAK"]) < 1.0
-    assert v[peak] / v[0] > 1.5 and v[peak] / v[-1] > 1.5
-
-
-def test_ka_has_a_weight_age_interaction():
-    wt = np.array([55.0, 95.0, 55.0, 95.0])
-    age = np.array([25.0, 25.0, 75.0, 75.0])
-    ka = true_parameters(wt, age, np.full(4, 90.0))["ka"]
-    # The log WT effect has opposite signs in the young and the old.
-    assert np.log(ka[1] / ka[0]) < -0.3 and np.log(ka[3] / ka[2]) > 0.3
+def test_heldout_regimen_is_repeated_dosing_of_new_subjects():
+    pop = synthetic_pk_regimen(5, seed=0, dtype=torch.float64)
+    fit = synthetic_pk(5, seed=0, dtype=torch.float64)
+    assert pop.ids == ["R1", "R2", "R3", "R4", "R5"] and pop.source == "synthetic_pk_regimen"
+    times = REGIMEN["ii"] * torch.arange(REGIMEN["addl"] + 1, dtype=torch.float64)
+    assert torch.equal(pop.dose_time, times.expand(5, -1))
+    assert (pop.dose_amt == REGIMEN["amt"]).all() and REGIMEN["amt"] not in DOSES
+    assert torch.equal(pop.obs_time[0], torch.tensor(REGIMEN_TIMES, dtype=torch.float64))
+    assert not torch.equal(pop.covariates, fit.covariates)  # a seed stream of its own
+    conc = pop.meta["true_conc"]
+    # accumulation: the trough before the 7th dose exceeds the one before the 2nd
+    assert (conc[:, 7] > conc[:, 2]).all()
 
 
 def test_data_config_keys_are_synthetic_pk_kwargs():
@@ -194,5 +129,5 @@ def test_data_config_keys_are_synthetic_pk_kwargs():
     assert cfg["covariates"] == list(COVARIATES)
     extra = set(cfg) - {"name", "path", "covariates", *SPLIT_KEYS}
     assert extra <= set(inspect.signature(synthetic_pk).parameters) - {"dtype"}
-    pop = synthetic_pk(**{k: cfg[k] for k in extra})
-    assert len(pop) == cfg["n_subjects"]
+    assert len(synthetic_pk(**{k: cfg[k] for k in extra})) == cfg["n_subjects"]
+    assert set(cfg["heldout_regimen"]) <= set(inspect.signature(synthetic_pk_regimen).parameters)

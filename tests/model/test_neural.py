@@ -168,7 +168,7 @@ def test_short_fit_increases_the_loglik(pop):
 def test_config_instantiates_the_model():
     hydra_utils = pytest.importorskip("hydra.utils")
     data = OmegaConf.load(ROOT / "configs" / "data" / "synthetic_pk.yaml")
-    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / "neural_pk.yaml")
+    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / "deep_compartment.yaml")
     cfg = OmegaConf.create({"data": data, "model": model_cfg, "seed": 7})
     assert cfg.model._target_ == "deepnlme.model.zoo.neural.NeuralPKModel"
     model = hydra_utils.instantiate(cfg.model)

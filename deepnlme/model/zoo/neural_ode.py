@@ -1,0 +1,408 @@
+"""Neural-ODE PK model: depot → central with a network in the elimination term.
+
+Individual parameters (each ``(N,)``), with ``x`` the normalized covariates ``(N, C)`` and
+``η ~ N(0, Ω)`` ``(N, 3)`` (diagonal Ω, random effects ``ka, cl, v``: η on interpretable
+parameters)::
+
+    (d_ka, d_cl, d_v) = B·tanh(NN_pre(x) / B)                 covariate network (optional)
+    ka = tvka · exp(d_ka + η_ka),  cl = tvcl · exp(d_cl + η_cl),  v = tvv · exp(d_v + η_v)
+
+Dynamics (oral doses into the depot, CMT 1; observations of the central compartment, CMT 2)::
+
+    dA1/dt = −ka · A1
+    dA2/dt =  ka · A1 − cl · C · exp(g),      C = A2 / v
+    g = B·tanh(NN_rhs(C, x, η) / B)
+
+so the network modulates the clearance as a function of the concentration (saturable or
+induced elimination), of the covariates and — with ``eta_inputs`` — of η (latent
+individual effects, the DeepPumas "η as network inputs" pattern). The elimination flux stays
+positive and vanishes at C = 0 whatever the network does. Both networks' output layers start
+at zero, so the untrained model *is* the classical one-compartment oral model (log-normal η
+on ka, cl, v) with the same θ, Ω, σ, and the neural ODE's predictions equal the closed form.
+Concentration ``C = central / v`` (floored at ``min_prediction``) with proportional (or
+additive/combined/lognormal) error. Network weights and biases carry the Gaussian prior
+``−½ · weight_decay · Σ w²`` (:meth:`log_prior`). Call ``.double()`` for float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepnlme.data.population import Population
+from deepnlme.dynamics import OdeDynamics
+from deepnlme.dynamics.closed_form import phi1
+from deepnlme.dynamics.dosing import resolve_doses
+from deepnlme.model.base import NLMEModel
+from deepnlme.model.params import RandomEffects, positive
+from deepnlme.model.zoo.neural import DEFAULT_NORMALIZATION, PK_PARAMETERS
+from deepnlme.model.zoo.pk import ResidualErrorMixin
+from deepnlme.nn.mlp import CovariateEtaMLP, scaler_from_mapping
+from deepnlme.nn.rhs import CONTEXT, StateNetwork, UniversalRhs
+
+
+class OralEliminationDynamics(OdeDynamics):
+    """Depot → central ODE with first-order absorption and a state-dependent elimination rate,
+    integrated by a second-order exponential integrator on each subject's event grid.
+
+    The right-hand side is ``rhs`` (any :class:`OdeDynamics` right-hand side of the form
+    ``dA1 = −ka·A1 + r1``, ``dA2 = ka·A1 − k(C)·A2 + r2`` with ``C = A2 / v``);
+    ``elimination_rate(C, indiv) -> k`` ``(N,)`` (1/h) gives its elimination rate. Dosing
+    (boluses, infusions, lag, bioavailability, resets, steady state) is
+    :class:`OdeDynamics`'; only the integration of each segment between events differs:
+    ``ceil(length / max_step)`` equal steps (the largest segment of the batch decides), each
+    exact for the depot and, with the rate frozen at the average of its values at the step's
+    start and at a predicted end (exponential Heun), exact in closed form for the central
+    compartment. So a constant rate (a linear model) is integrated exactly whatever the step,
+    and the scheme is stable for any step; the error of a varying rate is O(step²).
+    ``integrator="ode"`` instead integrates ``rhs`` with torchdiffeq like :class:`OdeDynamics`
+    (reference solutions in tests).
+    """
+
+    def __init__(
+        self,
+        rhs,
+        elimination_rate,
+        max_step: float = 2.0,
+        integrator: str = "exponential",
+        **ode_options,
+    ):
+        if max_step <= 0:
+            raise ValueError(f"max_step must be > 0 (hours), got {max_step}")
+        if integrator not in ("exponential", "ode"):
+            raise ValueError(f"solver must be 'exponential' or 'ode', got {integrator!r}")
+        super().__init__(
+            rhs, ("depot", "central"), default_dose_cmt=1, default_obs_cmt=2,
+            required=("ka", "v"), **ode_options,
+        )
+        self.elimination_rate = elimination_rate
+        self.max_step = float(max_step)
+        self.exponential = integrator == "exponential"
+
+    def _integrate(
+        self, x: Tensor, start: Tensor, length: Tensor, rate: Tensor, indiv: Mapping[str, Tensor]
+    ) -> Tensor:
+        """State after ``length`` ``(B,)`` h from ``x`` ``(B, 2)`` with constant inputs
+        ``rate`` ``(B, 2)`` (amount/h)."""
+        if not self.exponential:
+            return super()._integrate(x, start, length, rate, indiv)
+        n_steps = max(1, int(torch.ceil(length.detach().max() / self.max_step)))
+        h = length / n_steps
+        ka, v = indiv["ka"], indiv["v"]
+        kah = ka * h
+        decay = torch.exp(-kah)
+        r1, r2 = rate[:, 0], rate[:, 1]
+        depot_in = r1 * h * phi1(kah)  # depot gain from its infusion over one step
+        a1, a2 = x[:, 0], x[:, 1]
+
+        def central(k: Tensor) -> Tensor:
+            # exact for a constant rate k > 0 over one step (direct formulas: fewer graph
+            # nodes than series-guarded ones, and accurate in float64 for k·h > 1e-10)
+            kh = k * h
+            x = kh - kah
+            x = torch.where(x.abs() < 1e-10, 1e-10, x)
+            decay_k = torch.exp(-kh)
+            psi = h * decay_k * torch.expm1(x) / x  # ∫ e^{−k(h−s)} e^{−ka s} ds
+            phi = -torch.expm1(-kh) / k  # ∫ e^{−k(h−s)} ds
+            return a2 * decay_k + (ka * a1 - r1) * psi + (r1 + r2) * phi
+
+        for _ in range(n_steps):
+            k0 = self.elimination_rate(a2 / v, indiv)
+            k1 = self.elimination_rate(central(k0) / v, indiv)
+            a2 = central(0.5 * (k0 + k1))
+            a1 = a1 * decay + depot_in
+        return torch.stack([a1, a2], dim=-1)
+
+
+    def _exponential_grid(
+        self,
+        indiv: Mapping[str, Tensor],
+        x0: Tensor,
+        start: Tensor,
+        length: Tensor,
+        rate: Tensor | None,
+        keep: Tensor,
+        jump: Tensor,
+    ) -> Tensor:
+        """States ``(N, K, 2)`` at the end of every segment (``start``, ``length`` ``(N, K)``,
+        inputs ``rate`` ``(N, K, 2)`` or None, ``keep`` False at resets, ``jump`` ``(N, K, 2)``
+        added at each segment's end)."""
+        needed = (length.detach() > 0).any(0).tolist()
+        x, states = x0, []
+        for k in range(start.shape[1]):
+            x = torch.where(keep[:, k, None], x, 0.0)
+            if needed[k]:
+                r = torch.zeros_like(x) if rate is None else rate[:, k]
+                x = self._integrate(x, start[:, k], length[:, k], r, indiv)
+            x = x + jump[:, k]
+            states.append(x)
+        return torch.stack(states, 1)
+
+    def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
+        """Amounts ``(N, T, 2)`` at ``pop.obs_time``: :class:`OdeDynamics`' event grid (the
+        same code), each segment integrated by :meth:`_integrate`."""
+        if not self.exponential:
+            return super().forward(indiv, pop)
+        self.check_params(indiv)
+        doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
+        prepare = getattr(self.rhs, "prepare", None)
+        rhs_indiv = prepare(indiv) if prepare is not None else indiv
+        n_cmt = len(self.compartments)
+        dtype = torch.promote_types(doses.amount.dtype, pop.obs_time.dtype)
+        onehot = F.one_hot(doses.cmt, n_cmt).to(dtype)  # (N, D, C)
+        is_inf = doses.duration > 0
+        bolus = onehot * torch.where(is_inf, 0.0, doses.amount)[..., None]
+        rate = onehot * doses.rate[..., None]
+        start = doses.time
+        end = start + doses.duration
+        no_jump = torch.zeros_like(bolus)
+
+        # events: (time, valid, epoch, jump); ties keep this order, observations last
+        events = [(start, doses.mask, doses.epoch, bolus), (end, is_inf, doses.epoch, no_jump)]
+        inputs = [(start, end, is_inf, doses.epoch, rate)]  # infusions: start, end, valid, ...
+        if doses.flags.ss:
+            x_ss = self._steady_states(rhs_indiv, doses, bolus, rate)
+            tail_end = start - doses.ii + doses.duration
+            tail = doses.ss & is_inf & (tail_end > doses.record_time)
+            events += [
+                (doses.record_time, doses.ss, doses.epoch, x_ss),
+                (tail_end, tail, doses.epoch, no_jump),
+            ]
+            inputs.append((doses.record_time, tail_end, tail, doses.epoch, rate))
+        n_dose_events = sum(e[0].shape[1] for e in events)
+        obs_jump = bolus.new_zeros(*pop.obs_time.shape, n_cmt)
+        events.append((pop.obs_time, pop.obs_mask, pop.obs_epoch, obs_jump))
+
+        times = torch.cat([e[0].to(dtype) for e in events], 1)  # (N, K)
+        valid = torch.cat([e[1] for e in events], 1)
+        epochs = torch.cat([e[2] for e in events], 1)
+        jumps = torch.cat([e[3] for e in events], 1)  # (N, K, C)
+
+        # sort every subject's events by (epoch, time), stable
+        key_t = torch.where(valid, times, torch.inf).detach()
+        key_e = torch.where(valid, epochs, torch.iinfo(epochs.dtype).max)
+        o1 = torch.argsort(key_t, dim=1, stable=True)
+        order = o1.gather(1, torch.argsort(key_e.gather(1, o1), dim=1, stable=True))
+        n_events = max(int(valid.sum(1).max()), 1) if valid.numel() else 1
+        order_k = order[:, :n_events]
+        g = times.gather(1, order_k)
+        v = valid.gather(1, order_k)
+        e = epochs.gather(1, order_k)
+        jumps = jumps.gather(1, order_k[..., None].expand(-1, -1, n_cmt))
+        g = torch.where(v, g, 0.0)
+
+        # segment k runs from event k-1 to event k within one epoch
+        g_prev = torch.cat([g[:, :1], g[:, :-1]], 1)
+        v_prev = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
+        e_prev = torch.cat([e[:, :1], e[:, :-1]], 1)
+        same = v_prev & (e == e_prev)
+        seg = same & v
+        length = torch.where(seg, g - g_prev, 0.0)
+        seg_start = torch.where(seg, g_prev, 0.0)
+
+        # constant infusion input on each segment (N, K, C)
+        i_start, i_end, i_valid, i_epoch, i_rate = (
+            torch.cat(z, 1) for z in zip(*inputs, strict=True)
+        )
+        covers = (
+            i_valid[:, None, :]
+            & (i_start[:, None, :] <= g_prev[:, :, None])
+            & (i_end[:, None, :] >= g[:, :, None])
+            & (i_epoch[:, None, :] == e[:, :, None])
+        )
+        seg_rate = torch.einsum("nkj,njc->nkc", covers.to(dtype), i_rate)
+
+        x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
+        inputs_rate = seg_rate if doses.flags.infusion else None
+        states = self._exponential_grid(  # (N, K', C)
+            rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
+        )
+
+        inverse = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        pos = inverse[:, n_dose_events:].clamp(max=n_events - 1)  # (N, T)
+        amounts = states.gather(1, pos[..., None].expand(-1, -1, n_cmt))
+        return torch.where(pop.obs_mask[..., None], amounts, 0.0)
+
+
+class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
+    """One-compartment oral model whose elimination is ``cl · C · exp(NN(C, x, η))``.
+
+    Args:
+        covariates: baseline covariates fed to the networks (order = input order).
+        hidden: hidden widths of the right-hand-side network.
+        activation: a smooth activation (see :data:`deepnlme.nn.mlp.ACTIVATIONS`).
+        eta_inputs: feed η to the right-hand-side network as well (besides η on ka, cl, v).
+        covariate_network: hidden widths of the covariate network for (ka, cl, v) (``[]``:
+            no covariate network; ``None`` likewise).
+        weight_decay: strength λ of the L2 prior ``−½ λ Σ w²`` on every network weight.
+        max_log_deviation: bound B of the networks' log-scale outputs (``B·tanh(·/B)``).
+        conc_scale: concentration scale of the network input ``C / conc_scale`` (mg/L).
+        normalization: ``{name: (center, scale)}`` overriding
+            :data:`~deepnlme.model.zoo.neural.DEFAULT_NORMALIZATION`.
+        error: residual error model.
+        solver: ``"exponential"`` (the second-order exponential integrator of
+            :class:`OralEliminationDynamics`, steps of at most ``max_step`` h) or ``"ode"``
+            (torchdiffeq through :class:`OdeDynamics`, with ``rtol``, ``atol`` and
+            ``solver_options``, e.g. ``{"method": "dopri5"}`` is the default).
+        min_prediction: floor of the predicted concentration (0 disables it).
+        omega: initial variances of η_ka, η_cl, η_v.
+        tvka, tvcl, tvv: initial typical values (1/h, L/h, L).
+        seed: seed of the networks' initialization.
+    """
+
+    def __init__(
+        self,
+        covariates: Sequence[str] = (),
+        hidden: Sequence[int] = (8,),
+        activation: str = "tanh",
+        eta_inputs: bool = False,
+        covariate_network: Sequence[int] | None = (4,),
+        weight_decay: float = 1.0,
+        max_log_deviation: float = 3.0,
+        conc_scale: float = 5.0,
+        normalization: Mapping[str, Sequence[float]] | None = None,
+        error: str = "proportional",
+        solver: str = "exponential",
+        max_step: float = 2.0,
+        rtol: float = 1e-6,
+        atol: float = 1e-9,
+        solver_options: Mapping | None = None,
+        min_prediction: float = 1e-30,
+        omega: Sequence[float] | None = None,
+        tvka: float = 1.0,
+        tvcl: float = 5.0,
+        tvv: float = 40.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if max_log_deviation <= 0 or conc_scale <= 0:
+            raise ValueError(
+                f"max_log_deviation and conc_scale must be > 0, got {max_log_deviation}, "
+                f"{conc_scale}"
+            )
+        self.covariates = tuple(str(c) for c in covariates)
+        self.weight_decay = float(weight_decay)
+        self.max_log_deviation = float(max_log_deviation)
+        self.eta_inputs = bool(eta_inputs)
+        self.min_prediction = float(min_prediction)
+        self.tvka = positive(tvka)
+        self.tvcl = positive(tvcl)
+        self.tvv = positive(tvv)
+        self.omega = RandomEffects(list(PK_PARAMETERS), list(omega) if omega else None)
+        self.declare_error(error)
+        self.scaler, missing = scaler_from_mapping(
+            self.covariates, normalization or {}, DEFAULT_NORMALIZATION
+        )
+        if missing:
+            warnings.warn(
+                f"NeuralODEPKModel: no normalization constants for covariates {missing}; "
+                "they enter the networks unscaled (pass normalization={name: [center, scale]})",
+                stacklevel=2,
+            )
+        n_cov = len(self.covariates)
+        self.pre_net = (
+            CovariateEtaMLP(n_cov, 0, len(PK_PARAMETERS), covariate_network, activation, seed)
+            if covariate_network and n_cov
+            else None
+        )
+        network = StateNetwork(
+            n_state=1,
+            n_covariates=n_cov,
+            n_eta=len(PK_PARAMETERS) if self.eta_inputs else 0,
+            n_out=1,
+            hidden=hidden,
+            activation=activation,
+            state_scale=[float(conc_scale)],
+            scaler=self.scaler,
+            l2=self.weight_decay,
+            seed=seed + 1,
+        )
+        rhs = UniversalRhs(network, self._features, self._elimination, self._absorption)
+        options = dict(solver_options or {})
+        self.dynamics = OralEliminationDynamics(
+            rhs,
+            self.elimination_rate,
+            max_step=max_step,
+            integrator=solver,
+            method=str(options.pop("method", "dopri5")),
+            rtol=rtol,
+            atol=atol,
+            options=options,
+        )
+
+    # --------------------------------------------------------------- right-hand side
+    @staticmethod
+    def _features(amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
+        """Network state input: the central concentration ``(N, 1)`` (mg/L)."""
+        return (amounts[:, 1] / indiv["v"])[:, None]
+
+    def _modifier(self, out: Tensor) -> Tensor:
+        """Clearance multiplier ``exp(B·tanh(out/B))`` ``(N,)`` of the network output."""
+        bound = self.max_log_deviation
+        return torch.exp(bound * torch.tanh(out[:, 0] / bound))
+
+    def _elimination(self, out: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
+        """Rates ``(N, 2)``: ``−cl · C · exp(B·tanh(out/B))`` on the central compartment."""
+        flux = indiv["cl"] * (amounts[:, 1] / indiv["v"]) * self._modifier(out)
+        return torch.stack([torch.zeros_like(flux), -flux], dim=-1)
+
+    def elimination_rate(self, conc: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
+        """First-order elimination rate ``k = cl / v · exp(g(C))`` ``(N,)`` (1/h) at the
+        central concentration ``conc`` ``(N,)`` (``indiv`` prepared by the right-hand side)."""
+        rhs = self.dynamics.rhs
+        out = rhs.network(conc[:, None], indiv[CONTEXT])
+        return indiv["cl"] / indiv["v"] * self._modifier(out)
+
+    @staticmethod
+    def _absorption(t: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
+        """Mechanistic part ``(N, 2)``: first-order absorption depot → central."""
+        flow = indiv["ka"] * amounts[:, 0]
+        return torch.stack([-flow, flow], dim=-1)
+
+    # --------------------------------------------------------------- blocks
+    def covariate_matrix(self, cov: Mapping[str, Tensor], like: Tensor) -> Tensor:
+        """Raw covariates ``(N, C)`` in ``self.covariates`` order."""
+        if not self.covariates:
+            return like.new_zeros(like.shape[0], 0)
+        return torch.stack([cov[name].to(like.dtype) for name in self.covariates], dim=-1)
+
+    def pre(self, p, eta, cov) -> dict[str, Tensor]:
+        """``ka`` (1/h), ``cl`` (L/h), ``v`` (L) ``(N,)``, and the networks' inputs ``_x``
+        (raw covariates ``(N, C)``) and ``_eta`` (``(N, 3)``, when η feeds the network)."""
+        e = torch.stack([eta[name] for name in PK_PARAMETERS], dim=-1)  # (N, 3)
+        x = self.covariate_matrix(cov, e)
+        dev = e
+        if self.pre_net is not None:
+            bound = self.max_log_deviation
+            out = self.pre_net(self.scaler(x), e[:, :0])
+            dev = dev + bound * torch.tanh(out / bound)
+        indiv = {
+            "ka": p.tvka * torch.exp(dev[:, 0]),
+            "cl": p.tvcl * torch.exp(dev[:, 1]),
+            "v": p.tvv * torch.exp(dev[:, 2]),
+            "_x": x,
+        }
+        if self.eta_inputs:
+            indiv["_eta"] = e
+        return indiv
+
+    def derived(self, p, indiv, amounts, cov):
+        conc = amounts.central / indiv.v[:, None]  # (N, T)
+        if self.min_prediction > 0:
+            conc = conc.clamp_min(self.min_prediction)
+        return self.observation(p, conc)
+
+    def log_prior(self) -> Tensor:
+        """``−½ · weight_decay · Σ w²`` over both networks' weights and biases (a scalar)."""
+        total = self.dynamics.rhs.log_prior()
+        if self.pre_net is not None:
+            total = total - 0.5 * self.weight_decay * self.pre_net.sum_of_squares()
+        return total

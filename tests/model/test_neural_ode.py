@@ -1,0 +1,127 @@
+"""NeuralODEPKModel: network off = closed form; integrator vs torchdiffeq; gradients; config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from deepnlme.data.frames import population_from_frame
+from deepnlme.data.synthetic import COVARIATES, synthetic_pk, synthetic_pk_regimen
+from deepnlme.inference import InnerOptions, LaplaceEstimator
+from deepnlme.model.zoo.neural_ode import NeuralODEPKModel
+from deepnlme.model.zoo.pk import OneCmtOralModel
+
+ROOT = Path(__file__).resolve().parents[2]
+INIT = {"tvka": 1.1, "tvcl": 6.0, "tvv": 42.0, "omega": [0.09, 0.06, 0.04]}
+
+
+@pytest.fixture(scope="module")
+def pops():
+    single = synthetic_pk(9, seed=2, dtype=torch.float64)
+    repeated = synthetic_pk_regimen(5, seed=2, dtype=torch.float64)
+    infusion = population_from_frame(
+        pd.DataFrame({
+            "ID": ["a"] * 5, "TIME": [0.0, 1.0, 3.0, 6.0, 30.0], "AMT": [200.0, 0, 0, 0, 0],
+            "RATE": [50.0, 0, 0, 0, 0], "CMT": [1, 2, 2, 2, 2], "WT": 80.0, "AGE": 40.0,
+            "SEX": 1.0, "CRCL": 90.0,
+        }),
+        COVARIATES, "infusion", torch.float64,
+    )
+    return {"single": single, "repeated": repeated, "infusion": infusion}
+
+
+def model(**kw) -> NeuralODEPKModel:
+    return NeuralODEPKModel(COVARIATES, init=INIT, **kw).double()
+
+
+def randomize(m: NeuralODEPKModel, scale: float = 0.5, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    layers = [m.dynamics.rhs.network.linears[-1], m.pre_net.layers[-1]]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(scale * torch.randn(layer.weight.shape, generator=g))
+            layer.bias.copy_(0.3 * scale * torch.randn(layer.bias.shape, generator=g))
+
+
+def eta_for(pop, seed=0):
+    return 0.3 * torch.randn(len(pop), 3, generator=torch.Generator().manual_seed(seed),
+                             dtype=torch.float64)
+
+
+@pytest.mark.parametrize("design", ["single", "repeated", "infusion"])
+def test_network_off_equals_the_closed_form(pops, design):
+    pop = pops[design]
+    plain = OneCmtOralModel(error="proportional", init=INIT).double()
+    eta = eta_for(pop)
+    expected = plain.observe(eta, pop).prediction
+    # the exponential integrator is exact for a constant elimination rate, whatever the step
+    got = model(max_step=50.0).observe(eta, pop).prediction
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    ode = model(solver="ode", rtol=1e-9, atol=1e-12).observe(eta, pop).prediction
+    torch.testing.assert_close(ode, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("design", ["single", "repeated"])
+def test_exponential_integrator_converges_to_the_ode_solution(pops, design):
+    pop = pops[design]
+    eta = eta_for(pop, 1)
+    ref_model = model(solver="ode", rtol=1e-10, atol=1e-12)
+    randomize(ref_model)
+    ref = ref_model.observe(eta, pop).prediction.detach()
+    errors = []
+    for step in (6.0, 1.0, 0.125):
+        m = model(max_step=step)
+        m.load_state_dict(ref_model.state_dict())
+        got = m.observe(eta, pop).prediction.detach()
+        errors.append(float(((got - ref).abs() / ref).max()))
+    assert errors[0] < 3e-2  # the default step (6 h): well below the 10% residual error
+    assert errors[2] < 1e-3 and errors[2] < errors[1] / 4  # converges as the steps shrink
+
+
+def test_network_changes_the_elimination(pops):
+    pop = pops["single"]
+    m = model()
+    eta = torch.zeros(len(pop), 3, dtype=torch.float64)
+    base = m.observe(eta, pop).prediction
+    with torch.no_grad():
+        m.dynamics.rhs.network.linears[-1].bias.fill_(-0.5)  # clearance x exp(-0.5)
+    slower = m.observe(eta, pop).prediction
+    assert (slower[:, -1] > 1.3 * base[:, -1]).all()
+
+
+def test_marginal_likelihood_gradient_matches_finite_differences(pops):
+    pop = pops["single"].subset([0, 2])
+    m = model(max_step=12.0, eta_inputs=True)
+    randomize(m, scale=0.3)
+    est = LaplaceEstimator(m, hessian="expected", inner=InnerOptions(gtol=1e-11, max_iter=200))
+    m.zero_grad()
+    est.loss(pop).backward()
+    net = m.dynamics.rhs.network
+    checks = [(m.tvcl.raw, ()), (net.linears[0].weight, (1, 6)), (net.linears[-1].weight, (0, 3))]
+    h = 1e-6
+    for w, idx in checks:
+        old = w[idx].item()
+        values = []
+        for shifted in (old + h, old - h):
+            with torch.no_grad():
+                w[idx] = shifted
+            values.append(float(est.loss(pop).detach()))
+        with torch.no_grad():
+            w[idx] = old
+        fd = (values[0] - values[1]) / (2 * h)
+        assert w.grad[idx].item() == pytest.approx(fd, rel=1e-4, abs=1e-6), (w.shape, idx)
+
+
+def test_config_is_the_main_job_model():
+    hydra_utils = pytest.importorskip("hydra.utils")
+    data = OmegaConf.load(ROOT / "configs" / "data" / "synthetic_pk.yaml")
+    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / "neural_pk.yaml")
+    cfg = OmegaConf.create({"data": data, "model": model_cfg, "seed": 7})
+    m = hydra_utils.instantiate(cfg.model, _convert_="all")
+    assert isinstance(m, NeuralODEPKModel)
+    assert m.covariates == tuple(data.covariates) and m.eta_names == ["ka", "cl", "v"]
+    assert m.dynamics.rhs.network.n_covariates == len(data.covariates)
