@@ -30,19 +30,24 @@ log = logging.getLogger("deepnlme.train")
 def train(cfg: DictConfig, output_dir: Path) -> dict:
     """Fit, evaluate and write the run's outputs to ``output_dir``; returns results.json.
 
-    Start-up order: the data are read and checked first (torch and the data layer only), the
-    models, Lightning and the diagnostics load after them, so a data error answers quickly.
+    Start-up order: a CSV table is read and checked first (pandas only, before torch loads),
+    then the tensors are built from it (torch and the data layer); the models, Lightning and
+    the diagnostics load after them, so a data error answers quickly.
     """
     if cfg.get("model") is not None and cfg.model.get("formula"):  # lme4-style mixed model
         from deepnlme.training.mixed import train_mixed
 
         return train_mixed(cfg, output_dir)
 
+    from deepnlme.training.data_source import read_data
+
+    table = read_data(cfg.data)  # a CSV table is read and checked before torch loads
+
     from deepnlme.training import build
 
     build.set_threads(cfg)
     dtype = build.precision_dtype(cfg.trainer.precision)
-    fit_pop, heldout_pop = build.load_data(cfg.data, dtype)
+    fit_pop, heldout_pop = build.load_data(cfg.data, dtype, table)
     regimen_pop = build.load_regimen_data(cfg.data, dtype)
     options = build.diagnostic_options(cfg)
     checkpoint = _resume_checkpoint(cfg.ckpt_path)

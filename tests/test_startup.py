@@ -1,5 +1,6 @@
 """Start-up: ``--help``, argument errors and data errors do not load Lightning or the models
-(the heavy imports happen after the data are read). Times are in scripts/benchmark_startup.py."""
+(the heavy imports happen after the data are read); a CSV table is read and checked before torch
+loads. Times are in scripts/benchmark_startup.py."""
 
 from __future__ import annotations
 
@@ -49,6 +50,34 @@ def test_missing_data_file_is_answered_before_lightning_and_the_models_load(tmp_
     assert status == 1 and lines == [f"error: {missing}: file not found"]
     assert "lightning" not in loaded and "deepnlme.model" not in loaded
     assert "matplotlib" not in loaded and "deepnlme.fitted" not in loaded
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("missing.csv", None),
+        ("bad_column.csv", "ID,TIME,DV,AMT,CMT\n1,0,.,100,1\n1,1,2.5,0,x\n"),
+        ("bad_value.csv", "ID,TIME,DV,AMT\n1,0,.,100\n1,-1,2.5,0\n1,inf,2.5,0\n"),
+    ],
+)
+def test_csv_data_error_is_answered_before_torch_loads(tmp_path, name, text):
+    from deepnlme.data.errors import DataValidationError
+    from deepnlme.data.events import read_event_table
+
+    path = tmp_path / name
+    if text is None:
+        expected = f"{path}: file not found"
+    else:
+        path.write_text(text)
+        with pytest.raises(DataValidationError) as raised:
+            read_event_table(path)
+        expected = str(raised.value)
+    status, lines, loaded = loaded_modules(
+        "train.py", "model=one_cmt_oral", "data=csv", f"data.path={path}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert status == 1 and lines == [f"error: {expected}"]
+    assert "torch" not in loaded and "lightning" not in loaded and "deepnlme.model" not in loaded
 
 
 def test_argument_error_loads_no_heavy_module(tmp_path):

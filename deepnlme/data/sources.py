@@ -9,20 +9,24 @@ A data source is named by ``name``:
 
 ``covariates`` lists the covariate columns to keep (in that order); for the synthetic source an
 empty list keeps all of them. Plain Python only: no Hydra, no devices.
+
+Importing this module does not load torch: :func:`read_from_config` reads and checks a CSV
+source's table with pandas alone, before torch loads (start-up time of data errors), and
+:func:`load_from_config` builds the tensors from that table without reading the file again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from deepnlme.data.events import EventTable, read_event_table
 
-from deepnlme.data.build import load_population
-from deepnlme.data.datasets import DATASETS, load_dataset
-from deepnlme.data.population import Population
-from deepnlme.data.synthetic import synthetic_pk, synthetic_pk_regimen
+if TYPE_CHECKING:
+    import torch
+
+    from deepnlme.data.population import Population
 
 #: Keys of a data config that describe the train/held-out split, the held-out regimen and the
 #: minibatches, not the source.
@@ -32,6 +36,8 @@ SYNTHETIC = ("synthetic_pk",)
 
 def source_names() -> list[str]:
     """Every accepted ``name``."""
+    from deepnlme.data.datasets import DATASETS
+
     return ["csv", *sorted(DATASETS), *SYNTHETIC]
 
 
@@ -56,14 +62,38 @@ def select_covariates(pop: Population, names: Sequence[str]) -> Population:
     )
 
 
+def read_source(
+    name: str, path: str | None = None, covariates: Sequence[str] = (), **extra: Any
+) -> EventTable | None:
+    """The validated event table of a ``"csv"`` source (pandas only, no torch); None for the
+    other sources (bundled and synthetic data are checked when :func:`load_source` builds them).
+
+    Raises:
+        DataValidationError: the table is unusable (message names file, row and column).
+        ValueError: missing ``path`` or unknown keys.
+    """
+    if name != "csv":
+        return None
+    if extra:
+        raise ValueError(f"data source {name!r} takes no options {sorted(extra)}")
+    if not path:
+        raise ValueError("data source 'csv' needs a file: set data.path=FILE.csv")
+    return read_event_table(path, covariates=[str(c) for c in covariates])
+
+
 def load_source(
     name: str,
     path: str | None = None,
     covariates: Sequence[str] = (),
     dtype: torch.dtype | None = None,
+    *,
+    table: EventTable | None = None,
     **extra: Any,
 ) -> Population:
     """Load the data source ``name`` as a :class:`Population` (all subjects, float ``dtype``).
+
+    ``table``: the source's table as :func:`read_source` returned it (a ``"csv"`` source is
+    then built from it, not read again).
 
     Raises:
         DataValidationError: the table is unusable (message names file, row and column).
@@ -71,26 +101,49 @@ def load_source(
     """
     covariates = [str(c) for c in covariates]
     if name in SYNTHETIC:
+        from deepnlme.data.synthetic import synthetic_pk
+
         pop = synthetic_pk(dtype=dtype, **extra)
         return select_covariates(pop, covariates) if covariates else pop
+    if name == "csv":
+        from deepnlme.data.build import build_population
+
+        if table is None:
+            table = read_source(name, path, covariates, **extra)
+        return build_population(table, dtype=dtype)
     if extra:
         raise ValueError(f"data source {name!r} takes no options {sorted(extra)}")
-    if name == "csv":
-        if not path:
-            raise ValueError("data source 'csv' needs a file: set data.path=FILE.csv")
-        return load_population(path, covariates=covariates, dtype=dtype)
+    from deepnlme.data.datasets import DATASETS, load_dataset
+
     if name in DATASETS:
         return load_dataset(name, dtype=dtype, covariates=covariates)
     raise ValueError(f"unknown data source {name!r}; available: {', '.join(source_names())}")
 
 
-def load_from_config(config: Mapping[str, Any], dtype: torch.dtype | None = None) -> Population:
-    """:func:`load_source` from a data config mapping (split keys are ignored here)."""
+def _source_options(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(name, the source's other keys)`` of a data config (split keys left out)."""
     options = {k: v for k, v in config.items() if k not in SPLIT_KEYS}
     name = options.pop("name", None)
     if name is None:
         raise ValueError(f"data config needs a 'name' (one of {', '.join(source_names())})")
-    return load_source(str(name), dtype=dtype, **options)
+    return str(name), options
+
+
+def read_from_config(config: Mapping[str, Any]) -> EventTable | None:
+    """:func:`read_source` from a data config mapping (split keys are ignored here)."""
+    name, options = _source_options(config)
+    return read_source(name, **options)
+
+
+def load_from_config(
+    config: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+    table: EventTable | None = None,
+) -> Population:
+    """:func:`load_source` from a data config mapping (split keys are ignored here); ``table``
+    as :func:`read_from_config` returned it for the same config."""
+    name, options = _source_options(config)
+    return load_source(name, dtype=dtype, table=table, **options)
 
 
 def load_heldout_regimen(
@@ -112,6 +165,8 @@ def load_heldout_regimen(
             f"heldout_regimen is only available for data={SYNTHETIC[0]} (got data {name!r}); "
             "evaluate other regimens with predict.py on their own file"
         )
+    from deepnlme.data.synthetic import synthetic_pk_regimen
+
     options = dict(options)
     unknown = sorted(set(options) - {"n_subjects"})
     if unknown:

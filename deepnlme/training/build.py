@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from deepnlme.cli import (  # noqa: F401  (the commands' names for these, re-exported)
     SetupError,
@@ -33,9 +33,11 @@ from deepnlme.cli import (  # noqa: F401  (the commands' names for these, re-exp
 )
 from deepnlme.cli import one_line as _message
 from deepnlme.data.errors import DataValidationError
+from deepnlme.data.events import EventTable
 from deepnlme.data.population import Population
 from deepnlme.data.sources import load_from_config, load_heldout_regimen
 from deepnlme.data.split import split_heldout
+from deepnlme.training.data_source import data_errors, plain
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -56,13 +58,6 @@ BASE_MODEL_KEYS = ("init", "fixed")
 LAST_CHECKPOINT = "last"
 
 
-def plain(config: DictConfig | Mapping) -> dict[str, Any]:
-    """Resolved config as plain dicts/lists."""
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
-    return dict(config)
-
-
 def precision_dtype(precision: Any) -> torch.dtype:
     """Floating dtype of the data and model for a Lightning ``precision`` setting."""
     return torch.float64 if str(precision).startswith("64") else torch.float32
@@ -70,20 +65,20 @@ def precision_dtype(precision: Any) -> torch.dtype:
 
 # --------------------------------------------------------------------------------------- data
 def load_data(
-    data_cfg: DictConfig | Mapping, dtype: torch.dtype
+    data_cfg: DictConfig | Mapping, dtype: torch.dtype, table: EventTable | None = None
 ) -> tuple[Population, Population | None]:
-    """``(fit subjects, held-out subjects or None)`` from a data config (split keys included)."""
+    """``(fit subjects, held-out subjects or None)`` from a data config (split keys included).
+
+    ``table``: the config's table as :func:`~deepnlme.training.data_source.read_data` returned
+    it (a CSV source is then built from it, not read again).
+    """
     config = plain(data_cfg)
     fraction = float(config.get("heldout_fraction") or 0.0)
-    try:
-        pop = load_from_config(config, dtype=dtype)
+    with data_errors(config):
+        pop = load_from_config(config, dtype=dtype, table=table)
         if fraction <= 0:
             return pop, None
         return split_heldout(pop, fraction, int(config.get("split_seed") or 0))
-    except DataValidationError:
-        raise
-    except (ValueError, TypeError, ImportError, OSError) as exc:
-        raise SetupError(f"data {config.get('name')!r}: {_message(exc)}") from exc
 
 
 def load_regimen_data(data_cfg: DictConfig | Mapping, dtype: torch.dtype) -> Population | None:

@@ -65,3 +65,16 @@ def test_synthetic_source_passes_extra_keys():
     assert "synthetic_pk" in source_names()
     only_wt = load_source("synthetic_pk", covariates=["WT"], n_subjects=4, seed=1)
     assert only_wt.covariate_names == ["WT"]
+
+
+def test_csv_table_read_first_is_built_without_reading_the_file_again(tmp_path):
+    from deepnlme.data.sources import read_from_config
+
+    path = tmp_path / "theo.csv"
+    path.write_bytes(dataset_path("theophylline").read_bytes())
+    config = {"name": "csv", "path": str(path), "covariates": ["WT"], "heldout_fraction": 0.0}
+    table = read_from_config(config)
+    path.unlink()
+    pop = load_from_config(config, dtype=torch.float64, table=table)
+    assert (len(pop), pop.n_obs, pop.covariate_names) == (12, 132, ["WT"])
+    assert read_from_config({"name": "theophylline", "covariates": []}) is None
