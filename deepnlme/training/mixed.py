@@ -44,7 +44,8 @@ def method_name(method_cfg: Mapping[str, Any]) -> str:
 
 
 def resolve_method(family: str, method: str) -> str:
-    """``ml``/``reml`` for Gaussian fits, ``laplace`` for the others; raises SetupError."""
+    """``ml``/``reml`` for Gaussian fits, ``laplace`` for the others (``method=laplace``,
+    ``focei`` or ``foce`` ask for the family's marginal likelihood); raises SetupError."""
     if family not in FAMILIES:
         raise SetupError(f"model.family must be one of {', '.join(FAMILIES)} (got {family!r})")
     if method == "mcem":
@@ -52,12 +53,15 @@ def resolve_method(family: str, method: str) -> str:
     if method == "vi":
         raise SetupError("method=vi is not available for formula models yet; use method=ml, "
                          "method=reml (gaussian), method=laplace or method=mcem")
+    # the NLME marginal-likelihood methods (focei is the main job's default) mean the family's
+    # own marginal likelihood here: exact for Gaussian fits, Laplace for the others
+    marginal = ("ml", "laplace", "focei", "foce")
     if family == "gaussian":
-        if method in ("ml", "laplace"):
+        if method in marginal:
             return "ml"
         if method == "reml":
             return "reml"
-    elif method in ("laplace", "ml"):
+    elif method in marginal:
         return "laplace"
     raise SetupError(f"method={method} does not fit a {family} formula model; use "
                      + ("method=ml or method=reml" if family == "gaussian" else "method=laplace"))
