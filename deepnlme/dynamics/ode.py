@@ -287,6 +287,24 @@ class OdeDynamics(Dynamics):
         out = torch.zeros(*doses.ss.shape, b.shape[-1], dtype=x.dtype, device=x.device)
         return out.index_put((n_idx, d_idx), x)
 
+    def _integrate_grid(
+        self,
+        indiv: Mapping[str, Tensor],
+        x0: Tensor,
+        start: Tensor,
+        length: Tensor,
+        rate: Tensor | None,
+        keep: Tensor,
+        jump: Tensor,
+    ) -> Tensor:
+        """States ``(N, K, C)`` at the end of every segment of the event grid: segments
+        ``start``/``length`` ``(N, K)``, constant inputs ``rate`` ``(N, K, C)`` or None, ``keep``
+        False where a segment starts a new epoch (state reset), ``jump`` ``(N, K, C)`` added at
+        each segment's end. Subclasses with their own integrator override this one method."""
+        return _solvers.integrate(
+            self.rhs, indiv, x0, start, length, rate, self.solver, keep, jump
+        )
+
     def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
         """Amounts ``(N, T, n_compartments)`` at ``pop.obs_time`` (0 in padding slots)."""
         self.check_params(indiv)
@@ -360,8 +378,8 @@ class OdeDynamics(Dynamics):
 
         x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
         inputs_rate = seg_rate if doses.flags.infusion else None
-        states = _solvers.integrate(  # (N, K', C): one batched solve over every event grid
-            self.rhs, rhs_indiv, x0, seg_start, length, inputs_rate, self.solver, same, jumps
+        states = self._integrate_grid(  # (N, K', C): one batched solve over every event grid
+            rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
         )
 
         inverse = torch.empty_like(order).scatter_(

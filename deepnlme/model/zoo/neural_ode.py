@@ -30,13 +30,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from deepnlme.data.population import Population
 from deepnlme.dynamics import OdeDynamics
 from deepnlme.dynamics.closed_form import phi1
-from deepnlme.dynamics.dosing import resolve_doses
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.params import RandomEffects, positive
 from deepnlme.model.zoo.neural import DEFAULT_NORMALIZATION, PK_PARAMETERS
@@ -117,8 +114,7 @@ class OralEliminationDynamics(OdeDynamics):
             a1 = a1 * decay + depot_in
         return torch.stack([a1, a2], dim=-1)
 
-
-    def _exponential_grid(
+    def _integrate_grid(
         self,
         indiv: Mapping[str, Tensor],
         x0: Tensor,
@@ -130,7 +126,10 @@ class OralEliminationDynamics(OdeDynamics):
     ) -> Tensor:
         """States ``(N, K, 2)`` at the end of every segment (``start``, ``length`` ``(N, K)``,
         inputs ``rate`` ``(N, K, 2)`` or None, ``keep`` False at resets, ``jump`` ``(N, K, 2)``
-        added at each segment's end)."""
+        added at each segment's end), by :meth:`_integrate` when ``exponential``, else by
+        :class:`OdeDynamics`' solver."""
+        if not self.exponential:
+            return super()._integrate_grid(indiv, x0, start, length, rate, keep, jump)
         needed = (length.detach() > 0).any(0).tolist()
         x, states = x0, []
         for k in range(start.shape[1]):
@@ -141,93 +140,6 @@ class OralEliminationDynamics(OdeDynamics):
             x = x + jump[:, k]
             states.append(x)
         return torch.stack(states, 1)
-
-    def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
-        """Amounts ``(N, T, 2)`` at ``pop.obs_time``: :class:`OdeDynamics`' event grid (the
-        same code), each segment integrated by :meth:`_integrate`."""
-        if not self.exponential:
-            return super().forward(indiv, pop)
-        self.check_params(indiv)
-        doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
-        prepare = getattr(self.rhs, "prepare", None)
-        rhs_indiv = prepare(indiv) if prepare is not None else indiv
-        n_cmt = len(self.compartments)
-        dtype = torch.promote_types(doses.amount.dtype, pop.obs_time.dtype)
-        onehot = F.one_hot(doses.cmt, n_cmt).to(dtype)  # (N, D, C)
-        is_inf = doses.duration > 0
-        bolus = onehot * torch.where(is_inf, 0.0, doses.amount)[..., None]
-        rate = onehot * doses.rate[..., None]
-        start = doses.time
-        end = start + doses.duration
-        no_jump = torch.zeros_like(bolus)
-
-        # events: (time, valid, epoch, jump); ties keep this order, observations last
-        events = [(start, doses.mask, doses.epoch, bolus), (end, is_inf, doses.epoch, no_jump)]
-        inputs = [(start, end, is_inf, doses.epoch, rate)]  # infusions: start, end, valid, ...
-        if doses.flags.ss:
-            x_ss = self._steady_states(rhs_indiv, doses, bolus, rate)
-            tail_end = start - doses.ii + doses.duration
-            tail = doses.ss & is_inf & (tail_end > doses.record_time)
-            events += [
-                (doses.record_time, doses.ss, doses.epoch, x_ss),
-                (tail_end, tail, doses.epoch, no_jump),
-            ]
-            inputs.append((doses.record_time, tail_end, tail, doses.epoch, rate))
-        n_dose_events = sum(e[0].shape[1] for e in events)
-        obs_jump = bolus.new_zeros(*pop.obs_time.shape, n_cmt)
-        events.append((pop.obs_time, pop.obs_mask, pop.obs_epoch, obs_jump))
-
-        times = torch.cat([e[0].to(dtype) for e in events], 1)  # (N, K)
-        valid = torch.cat([e[1] for e in events], 1)
-        epochs = torch.cat([e[2] for e in events], 1)
-        jumps = torch.cat([e[3] for e in events], 1)  # (N, K, C)
-
-        # sort every subject's events by (epoch, time), stable
-        key_t = torch.where(valid, times, torch.inf).detach()
-        key_e = torch.where(valid, epochs, torch.iinfo(epochs.dtype).max)
-        o1 = torch.argsort(key_t, dim=1, stable=True)
-        order = o1.gather(1, torch.argsort(key_e.gather(1, o1), dim=1, stable=True))
-        n_events = max(int(valid.sum(1).max()), 1) if valid.numel() else 1
-        order_k = order[:, :n_events]
-        g = times.gather(1, order_k)
-        v = valid.gather(1, order_k)
-        e = epochs.gather(1, order_k)
-        jumps = jumps.gather(1, order_k[..., None].expand(-1, -1, n_cmt))
-        g = torch.where(v, g, 0.0)
-
-        # segment k runs from event k-1 to event k within one epoch
-        g_prev = torch.cat([g[:, :1], g[:, :-1]], 1)
-        v_prev = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
-        e_prev = torch.cat([e[:, :1], e[:, :-1]], 1)
-        same = v_prev & (e == e_prev)
-        seg = same & v
-        length = torch.where(seg, g - g_prev, 0.0)
-        seg_start = torch.where(seg, g_prev, 0.0)
-
-        # constant infusion input on each segment (N, K, C)
-        i_start, i_end, i_valid, i_epoch, i_rate = (
-            torch.cat(z, 1) for z in zip(*inputs, strict=True)
-        )
-        covers = (
-            i_valid[:, None, :]
-            & (i_start[:, None, :] <= g_prev[:, :, None])
-            & (i_end[:, None, :] >= g[:, :, None])
-            & (i_epoch[:, None, :] == e[:, :, None])
-        )
-        seg_rate = torch.einsum("nkj,njc->nkc", covers.to(dtype), i_rate)
-
-        x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
-        inputs_rate = seg_rate if doses.flags.infusion else None
-        states = self._exponential_grid(  # (N, K', C)
-            rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
-        )
-
-        inverse = torch.empty_like(order).scatter_(
-            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-        )
-        pos = inverse[:, n_dose_events:].clamp(max=n_events - 1)  # (N, T)
-        amounts = states.gather(1, pos[..., None].expand(-1, -1, n_cmt))
-        return torch.where(pop.obs_mask[..., None], amounts, 0.0)
 
 
 class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
