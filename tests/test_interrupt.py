@@ -20,9 +20,10 @@ from deepnlme import cli
 from deepnlme.training.interrupt import StopOnSignal
 
 ROOT = Path(__file__).resolve().parents[1]
-# Theophylline, one-compartment oral, 4 L-BFGS iterations per epoch (about 7 epochs to converge).
+# Theophylline, one-compartment oral, Laplace, 4 L-BFGS iterations per epoch (about 7 epochs to
+# converge).
 FIT = (
-    "data=theophylline", "method.iterations_per_epoch=4", "se=false",
+    "data=theophylline", "method=laplace", "method.iterations_per_epoch=4", "se=false",
     "trainer.enable_progress_bar=false",
 )
 SLOW = ("model=custom", "model._target_=slowmodels.SlowOneCmtOral")
