@@ -22,7 +22,12 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
-from deepnlme.inference.uncertainty import _RawEntries, objective_hessian
+from deepnlme.inference.uncertainty import (
+    _RawEntries,
+    central_differences,
+    free_raw_entries,
+    objective_hessian,
+)
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import FullCovariance
 from deepnlme.model.params import Param, RandomEffects
@@ -106,37 +111,18 @@ def entry_label(name: str, p: Param, index: tuple[int, ...]) -> str:
     return f"{name}[{','.join(map(str, index))}]"
 
 
-def _natural_jacobian(p: Param) -> tuple[Tensor, Tensor]:
-    """``(J, used)``: J ``(value.numel(), len(used))`` = ∂ natural value / ∂ raw entries that
-    move it; ``used`` their flat positions in ``p.raw``."""
-    jac = torch.autograd.functional.jacobian(p.domain.to_natural, p.raw.detach())
-    jac = jac.reshape(-1, p.raw.numel())
-    used = (jac != 0).any(0).nonzero().squeeze(-1)
-    return jac[:, used], used
-
-
 def subject_gradients(
     estimator, pop: Population, entries: _RawEntries, step: float = 1e-4
 ) -> Tensor:
     """g_i = ∂(-log p(y_i))/∂(raw entries), ``(N, P)``, by central differences of the
     per-subject log-likelihoods (2P batched evaluations, modes warm-started). Restores the
     parameters."""
-    flat = entries.get()
-    columns = []
     try:
-        for i in range(flat.numel()):
-            h = step * max(1.0, abs(float(flat[i])))
-            sides = []
-            for sign in (1.0, -1.0):
-                shifted = flat.clone()
-                shifted[i] += sign * h
-                entries.set(shifted)
-                sides.append(-estimator.subject_loglik(pop, warm_start=True).detach())
-            columns.append((sides[0] - sides[1]) / (2 * h))
+        return central_differences(
+            entries, lambda: -estimator.subject_loglik(pop, warm_start=True).detach(), step
+        )
     finally:
-        entries.set(flat)
         estimator.subject_loglik(pop, warm_start=True)  # modes back at the estimates
-    return torch.stack(columns, -1)
 
 
 def covariance_step(
@@ -155,19 +141,8 @@ def covariance_step(
     if method not in METHODS:
         raise ValueError(f"covariance method must be one of {list(METHODS)} (got {method!r})")
     model: NLMEModel = estimator.model
-    extra = model.n_undeclared_parameters()
-    if extra:
-        raise ValueError(
-            "a covariance step needs a model whose free parameters are all declared "
-            f"(θ, Ω, σ); {type(model).__name__} has {extra} others"
-        )
-    declared = model.declared()
-    free = {name: p for name, p in declared.items() if not p.fixed}
-    jacobians, positions = {}, []
-    for name, p in free.items():
-        jacobians[name], used = _natural_jacobian(p)
-        positions.append(used)
-    entries = _RawEntries([p.raw for p in free.values()], positions)
+    free, jacobians, entries = free_raw_entries(model, "a covariance step needs")
+    declared, positions = model.declared(), entries.positions
     dtype = entries.get().dtype
     n_raw = sum(int(i.numel()) for i in positions)
 

@@ -10,6 +10,7 @@ through each parameter's domain transform: ``Cov(value) = J Cov(raw) Jᵀ``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from deepnlme.data.population import Population
 from deepnlme.model.base import NLMEModel
 from deepnlme.model.domains import Domain, Real
+from deepnlme.model.params import Param
 
 #: Condition number of the estimates' correlation matrix above which a warning is given
 #: (NONMEM's rule of thumb: above 1000 the estimates are ill-conditioned).
@@ -73,9 +75,40 @@ class _RawEntries:
         return torch.cat(parts)
 
 
-def objective_hessian(estimator, pop: Population, entries: _RawEntries, step: float) -> Tensor:
-    """Hessian ``(P, P)`` of the objective in the raw ``entries`` by central differences of
-    its gradient (2P gradient evaluations), symmetrized. Restores the parameters."""
+def natural_jacobian(p: Param) -> tuple[Tensor, Tensor]:
+    """``(J, used)``: J ``(value.numel(), len(used))`` = ∂ natural value / ∂ raw entries that
+    move it; ``used`` their flat positions in ``p.raw``."""
+    jac = torch.autograd.functional.jacobian(p.domain.to_natural, p.raw.detach())
+    jac = jac.reshape(-1, p.raw.numel())  # (natural entries, raw entries)
+    used = (jac != 0).any(0).nonzero().squeeze(-1)
+    return jac[:, used], used
+
+
+def free_raw_entries(
+    model: NLMEModel, needs: str
+) -> tuple[dict[str, Param], dict[str, Tensor], _RawEntries]:
+    """``(free declared parameters, their natural Jacobians, their raw entries)``.
+
+    Raises ValueError (``needs``, e.g. "standard errors need", starts the message) for a model
+    with trainable weights besides its declared parameters.
+    """
+    extra = model.n_undeclared_parameters()
+    if extra:
+        raise ValueError(
+            f"{needs} a model whose free parameters are all declared "
+            f"(θ, Ω, σ); {type(model).__name__} has {extra} others"
+        )
+    free = {name: p for name, p in model.declared().items() if not p.fixed}
+    jacobians, positions = {}, []
+    for name, p in free.items():
+        jacobians[name], used = natural_jacobian(p)
+        positions.append(used)
+    return free, jacobians, _RawEntries([p.raw for p in free.values()], positions)
+
+
+def central_differences(entries: _RawEntries, fn: Callable[[], Tensor], step: float) -> Tensor:
+    """∂ fn() / ∂ (raw entries) ``(*fn().shape, P)`` by central differences (2P calls of
+    ``fn`` at shifted parameters, relative step ``step``). Restores the parameters."""
     flat = entries.get()
     columns = []
     try:
@@ -86,11 +119,17 @@ def objective_hessian(estimator, pop: Population, entries: _RawEntries, step: fl
                 shifted = flat.clone()
                 shifted[i] += sign * h
                 entries.set(shifted)
-                sides.append(entries.gradient(estimator, pop))
+                sides.append(fn())
             columns.append((sides[0] - sides[1]) / (2 * h))
     finally:
         entries.set(flat)
-    hess = torch.stack(columns, -1)
+    return torch.stack(columns, -1)
+
+
+def objective_hessian(estimator, pop: Population, entries: _RawEntries, step: float) -> Tensor:
+    """Hessian ``(P, P)`` of the objective in the raw ``entries`` by central differences of
+    its gradient (2P gradient evaluations), symmetrized. Restores the parameters."""
+    hess = central_differences(entries, lambda: entries.gradient(estimator, pop), step)
     return 0.5 * (hess + hess.T)
 
 
@@ -102,22 +141,8 @@ def parameter_covariance(estimator, pop: Population, step: float = 1e-4) -> Para
     standard errors are NaN (a saddle or a boundary: no quadratic approximation there).
     """
     model: NLMEModel = estimator.model
-    extra = model.n_undeclared_parameters()
-    if extra:
-        raise ValueError(
-            "standard errors need a model whose free parameters are all declared "
-            f"(θ, Ω, σ); {type(model).__name__} has {extra} others"
-        )
-    declared = model.declared()
-    free = {name: p for name, p in declared.items() if not p.fixed}
-    jacobians, positions = {}, []
-    for name, p in free.items():
-        jac = torch.autograd.functional.jacobian(p.domain.to_natural, p.raw.detach())
-        jac = jac.reshape(-1, p.raw.numel())  # (natural entries, raw entries)
-        used = (jac != 0).any(0).nonzero().squeeze(-1)
-        jacobians[name] = jac[:, used]
-        positions.append(used)
-    entries = _RawEntries([p.raw for p in free.values()], positions)
+    free, jacobians, entries = free_raw_entries(model, "standard errors need")
+    declared, positions = model.declared(), entries.positions
     names = [name for name, i in zip(free, positions, strict=True) for _ in range(i.numel())]
     hess = objective_hessian(estimator, pop, entries, step)
     evals = torch.linalg.eigvalsh(hess)
