@@ -104,6 +104,18 @@ class LaplaceObjective:
     def lower_bounds(self) -> np.ndarray:
         return np.concatenate([np.full(self.p + self.n_alpha, -np.inf), self.cov.lower_bounds()])
 
+    def threshold_se(self, phi: np.ndarray, cov_phi: np.ndarray) -> np.ndarray:
+        """Standard errors ``(K−1,)`` of the thresholds α from the covariance of φ (delta
+        method through ``α(τ)``: invariant to the parameterisation at the optimum, so they
+        equal ``ordinal::clmm``'s, which are taken over α directly)."""
+        p, k = self.p, self.n_alpha
+        tau = torch.as_tensor(phi[p : p + k], dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(
+            lambda t: torch.cumsum(torch.cat([t[:1], torch.exp(t[1:])]), 0), tau
+        ).numpy()
+        cov_alpha = J @ cov_phi[p : p + k, p : p + k] @ J.T
+        return np.sqrt(np.clip(np.diag(cov_alpha), 0.0, None))
+
     # --------------------------------------------------------------------------- pieces
     def _rows(self, eta: torch.Tensor, alpha: torch.Tensor | None, derivatives: bool = True):
         return families.row_terms(
@@ -223,15 +235,19 @@ def fit_glmm(
         b, var_b = natural_scale(factors, u, var_u, 1.0)
         covariances = [(T @ T.T).cpu().numpy() for T in factors]
     se_beta = {n: float("nan") for n in objective.names}
+    se_alpha = None if alpha is None else [float("nan")] * len(alpha)
     if se:
         H = numerical_hessian(objective, opt.x, device)
         try:
             cov_phi = np.linalg.inv(H)
+        except np.linalg.LinAlgError:
+            cov_phi = None
+        if cov_phi is not None:
             se_beta = dict(
                 zip(objective.names, np.sqrt(np.diag(cov_phi)[: objective.p]).tolist(), strict=True)
             )
-        except np.linalg.LinAlgError:
-            pass
+            if alpha is not None:
+                se_alpha = objective.threshold_se(opt.x, cov_phi).tolist()
     return MixedFit(
         family=family,
         link=link,
@@ -253,6 +269,7 @@ def fit_glmm(
         n_eval=opt.n_eval,
         message=opt.message,
         thresholds=None if alpha is None else alpha.cpu().tolist(),
+        se_thresholds=se_alpha,
         extra={"fit_seconds": fit_seconds, "categories": objective.categories}
         if objective.categories
         else {"fit_seconds": fit_seconds},

@@ -111,15 +111,10 @@ def fit_lmm(
     with torch.no_grad():
         theta = torch.as_tensor(opt.x, dtype=torch.float64, device=device)
         dev, factor, r2 = objective.parts(theta)
-        n, p, q2 = objective.n, objective.p, objective.random.structure.q2
-        L = factor.L22
-        Lx, ly = L[q2 : q2 + p, q2 : q2 + p], L[-1, q2 : q2 + p]
-        beta = torch.linalg.solve_triangular(Lx.T, ly[:, None], upper=True).squeeze(-1)
+        n, p = objective.n, objective.p
+        beta, Lx = gls_fixef(objective, factor)
         sigma2 = r2 / (n - p if reml else n)
-        Lx_inv = torch.linalg.solve_triangular(
-            Lx, torch.eye(p, dtype=L.dtype, device=device), upper=False
-        )
-        vcov = sigma2 * (Lx_inv.T @ Lx_inv)
+        vcov = _vcov(Lx, sigma2)
         factors = objective.cov.factors(theta)
         rd = objective.random
         resid = design.y - design.X @ beta
@@ -152,6 +147,31 @@ def fit_lmm(
     )
 
 
+def gls_fixef(
+    objective: ProfiledDeviance, factor: BlockedFactor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(β̂_θ (p,), R_X (p, p) lower)``: the GLS fixed effects at the factor's θ."""
+    q2, p = objective.random.structure.q2, objective.p
+    L = factor.L22
+    Lx, ly = L[q2 : q2 + p, q2 : q2 + p], L[-1, q2 : q2 + p]
+    return torch.linalg.solve_triangular(Lx.T, ly[:, None], upper=True).squeeze(-1), Lx
+
+
+def _vcov(Lx: torch.Tensor, sigma2: torch.Tensor | float) -> torch.Tensor:
+    eye = torch.eye(Lx.shape[0], dtype=Lx.dtype, device=Lx.device)
+    Lx_inv = torch.linalg.solve_triangular(Lx, eye, upper=False)
+    return sigma2 * (Lx_inv.T @ Lx_inv)
+
+
+@torch.no_grad()
+def fixef_covariance(
+    objective: ProfiledDeviance, theta: torch.Tensor, sigma2: float
+) -> torch.Tensor:
+    """``vcov(β) = σ² (R_Xᵀ R_X)⁻¹`` ``(p, p)`` at any (θ, σ²) (lme4's ``vcov``)."""
+    _, factor, _ = objective.parts(theta)
+    return _vcov(gls_fixef(objective, factor)[1], sigma2)
+
+
 def gaussian_loglik(
     design: MixedDesign, beta: torch.Tensor, sigma: float, theta: torch.Tensor
 ) -> float:
@@ -160,10 +180,9 @@ def gaussian_loglik(
     with torch.no_grad():
         objective = ProfiledDeviance(design)
         _, factor, r2 = objective.parts(theta)
-        q2, p, n = objective.random.structure.q2, objective.p, objective.n
+        q2, n = objective.random.structure.q2, objective.n
         L = factor.L22
-        Lx, ly = L[q2 : q2 + p, q2 : q2 + p], L[-1, q2 : q2 + p]
-        beta_hat = torch.linalg.solve_triangular(Lx.T, ly[:, None], upper=True).squeeze(-1)
+        beta_hat, Lx = gls_fixef(objective, factor)
         d1 = torch.diagonal(factor.L11, dim1=-2, dim2=-1)
         logdet = 2 * torch.log(d1).sum() + 2 * torch.log(torch.diagonal(L)[:q2]).sum()
         dev = logdet + n * math.log(2 * math.pi * sigma**2) + (

@@ -49,6 +49,7 @@ class MixedFit:
     n_eval: int
     message: str
     thresholds: list[float] | None = None
+    se_thresholds: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -95,8 +96,35 @@ class MixedFit:
         }
         if self.thresholds is not None:
             out["thresholds"] = self.thresholds
+            out["se_thresholds"] = self.se_thresholds or [float("nan")] * len(self.thresholds)
         out.update(self.extra)
         return out
+
+
+    def coefficients(self) -> list[dict[str, Any]]:
+        """The coefficient table (lme4's / clmm's ``summary``): one row per fixed effect, then
+        per threshold (``j|j+1`` between categories), with estimate, standard error, z value
+        and two-sided p-value (NaN where there is no standard error)."""
+        rows = [("fixef", n, v, self.se_fixef.get(n, math.nan)) for n, v in self.fixef.items()]
+        if self.thresholds is not None:
+            cats = self.extra.get("categories") or list(range(1, len(self.thresholds) + 2))
+            se = self.se_thresholds or [math.nan] * len(self.thresholds)
+            rows += [
+                ("threshold", f"{_label(cats[j])}|{_label(cats[j + 1])}", a, s)
+                for j, (a, s) in enumerate(zip(self.thresholds, se, strict=True))
+            ]
+        out = []
+        for kind, name, est, se_ in rows:
+            z = est / se_ if se_ and math.isfinite(se_) and se_ > 0 else math.nan
+            p = math.erfc(abs(z) / math.sqrt(2)) if math.isfinite(z) else math.nan
+            out.append({"term": name, "kind": kind, "estimate": est, "std_error": se_,
+                        "z_value": z, "p_value": p})
+        return out
+
+
+def _label(value: Any) -> str:
+    """A category value as clmm prints it (``1``, not ``1.0``)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def conditional_modes(

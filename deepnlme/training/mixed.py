@@ -166,6 +166,7 @@ def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     modes_table(fit).to_csv(output_dir / "ranef.csv", index=False)
+    pd.DataFrame(fit.coefficients()).to_csv(output_dir / "coefficients.csv", index=False)
     save_effect_histograms(fit.modes, output_dir / "ranef_hist.png")
     if held is not None:
         predictions = fitted.predict(held, f"{source} (held-out rows)")

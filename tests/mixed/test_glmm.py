@@ -71,3 +71,19 @@ def test_ordinal_matches_clmm(link, loglik, thresholds, service, var_s, var_d):
     close(fit.fixef["service"], service, 1e-2)
     vc = fit.varcorr()
     close([vc["s"]["var"][0], vc["d"]["var"][0]], [var_s, var_d], 2e-2)
+
+
+def test_ordinal_thresholds_have_clmm_standard_errors():
+    """``clmm(rating ~ temp + contact + (1|judge), data = wine)`` (the ordinal package's wine
+    data, shipped in tests/mixed/data): its summary's estimates and standard errors."""
+    fit = fit_glmm(design("wine", "rating ~ temp + contact + (1|judge)"), "ordinal", "logit")
+    assert fit.converged and abs(fit.loglik - -81.57) < 0.005
+    close(fit.thresholds, [-1.6237, 1.5134, 4.2285, 6.0888], 1e-4)
+    close(fit.se_thresholds, [0.6824, 0.6038, 0.8090, 0.9725], 2e-4)
+    close([fit.se_fixef["tempwarm"], fit.se_fixef["contactyes"]], [0.5954, 0.5125], 2e-4)
+    close(fit.varcorr()["judge"]["var"], [1.279], 1e-3)
+    table = pd.DataFrame(fit.coefficients()).set_index("term")
+    assert list(table.index) == ["tempwarm", "contactyes", "1|2", "2|3", "3|4", "4|5"]
+    close(table.loc[["1|2", "4|5"], "z_value"], [-2.379, 6.261], 1e-3)
+    close(table.loc["contactyes", "p_value"], 0.000344, 2e-3)
+    assert fit.summary()["se_thresholds"] == fit.se_thresholds
