@@ -77,10 +77,16 @@ class FittedMixed:
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
         }
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, into_existing: bool = False) -> Path:
+        """Write the checkpoint; ``into_existing``: add the entry to the training checkpoint
+        already at ``path`` (a fit run through Lightning: it stays resumable)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({CHECKPOINT_KEY: self.state()}, path)
+        data = {}
+        if into_existing and path.exists():
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        data[CHECKPOINT_KEY] = self.state()
+        torch.save(data, path)
         return path
 
     @classmethod

@@ -35,15 +35,22 @@ class RowData:
         trials: ``(N,)`` binomial trials or None.
         names: fixed-effect names of X's columns.
         laplace: the family's Laplace objective (None for Gaussian models).
+        scale: the Gaussian response is ``scale · y`` (``standardize``: y divided by its SD,
+            so that every parameter is of order one for a stochastic optimizer); 1 otherwise.
     """
 
-    def __init__(self, design: MixedDesign, family: str, link: str) -> None:
+    def __init__(self, design: MixedDesign, family: str, link: str,
+                 standardize: bool = False) -> None:
         self.design, self.family, self.link = design, family, link
         self.laplace = None if family == "gaussian" else LaplaceObjective(design, family, link)
         source = design if self.laplace is None else self.laplace
         self.X, self.y, self.names = source.X, source.y, list(
             design.fixef_names if self.laplace is None else self.laplace.names
         )
+        self.scale = 1.0
+        if standardize and self.laplace is None:
+            self.scale = float(self.y.std()) or 1.0
+            self.y = self.y / self.scale
         self.trials = design.trials
         self.categories = None if self.laplace is None else self.laplace.categories
 
@@ -89,7 +96,8 @@ class FormulaParameters(nn.Module):
         self.log_sigma = nn.Parameter(
             torch.tensor(init["log_sigma"], dtype=dtype), requires_grad=self.family == "gaussian"
         )
-        self.tau = nn.Parameter(torch.tensor(init["tau"], dtype=dtype))
+        tau = torch.tensor(init["tau"], dtype=dtype)
+        self.tau = nn.Parameter(tau, requires_grad=bool(tau.numel()))
         for k, p in enumerate(self.sizes):
             self.register_buffer(f"tril_{k}", torch.tril_indices(p, p), persistent=False)
 
@@ -158,16 +166,18 @@ def report_fit(
     standard errors of β from the exact GLS covariance at (θ, σ) (Gaussian) or from the
     finite-difference Hessian of the Laplace objective at the estimates (the others).
     ``fields`` fill the remaining :class:`MixedFit` fields (converged, n_iter, message, ...).
+    Estimates of a standardized response (``rows.scale``) are reported on the data's scale.
     """
-    n_terms = len(design.terms)
-    beta = values[0].detach()
-    factors = [params.factor(k, values[1 + k].detach()) for k in range(n_terms)]
+    n_terms, c = len(design.terms), rows.scale
+    beta = values[0].detach() * c
+    factors = [c * params.factor(k, values[1 + k].detach()) for k in range(n_terms)]
+    means, sds = [c * m for m in means], [c * s for s in sds]
     covariances = [(L @ L.T).cpu().numpy() for L in factors]
     se_beta = {n: float("nan") for n in rows.names}
     sigma, alpha, se_alpha = None, None, None
     with torch.no_grad():
         if rows.family == "gaussian":
-            sigma = float(torch.exp(values[1 + n_terms]))
+            sigma = c * float(torch.exp(values[1 + n_terms]))
             theta = column_major(factors, sigma)
             loglik = gaussian_loglik(design, beta, sigma, theta)
             if se:

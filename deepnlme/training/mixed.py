@@ -5,6 +5,7 @@ from such a checkpoint. The math is in :mod:`deepnlme.mixed`."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zipfile
 from collections.abc import Mapping
@@ -48,11 +49,8 @@ def resolve_method(family: str, method: str) -> str:
     ``focei`` or ``foce`` ask for the family's marginal likelihood); raises SetupError."""
     if family not in FAMILIES:
         raise SetupError(f"model.family must be one of {', '.join(FAMILIES)} (got {family!r})")
-    if method == "mcem":
-        return "mcem"
-    if method == "vi":
-        raise SetupError("method=vi is not available for formula models yet; use method=ml, "
-                         "method=reml (gaussian), method=laplace or method=mcem")
+    if method in ("mcem", "vi"):
+        return method
     # the NLME marginal-likelihood methods (focei is the main job's default) mean the family's
     # own marginal likelihood here: exact for Gaussian fits, Laplace for the others
     marginal = ("ml", "laplace", "focei", "foce")
@@ -141,6 +139,55 @@ def modes_table(fit: MixedFit) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def fit_vi(cfg: DictConfig, design: MixedDesign, family: str, link: str | None,
+           output_dir: Path) -> MixedFit | None:
+    """``method=vi`` through Lightning (:func:`~deepnlme.training.stochastic.fit_stochastic`:
+    minibatches of ``data.batch_rows`` rows, Adam with a cosine schedule, checkpoints that
+    resume, ``trainer.devices``/``strategy`` for data-parallel fits). None on the
+    non-reporting ranks of a data-parallel fit."""
+    from deepnlme.inference.pyro.vi import NonFiniteObjective
+    from deepnlme.mixed import families
+    from deepnlme.mixed.vi import FormulaVI
+    from deepnlme.training.build import check_accelerator, precision_dtype
+    from deepnlme.training.stochastic import fit_stochastic
+
+    method, trainer_cfg = plain(cfg.method), plain(cfg.trainer)
+    options = method.get("mixed") or {}
+    check_accelerator(trainer_cfg.get("accelerator"))
+    link = "identity" if family == "gaussian" else families.check_family(family, link)
+    dtype = precision_dtype(trainer_cfg.get("precision", "64-true"))
+    estimator = FormulaVI(design, family, link, int(method.get("num_particles") or 1),
+                          float(options.get("init_scale", 0.1)), int(cfg.seed), dtype)
+    n = len(estimator.table)
+    batch_rows = min(int(cfg.data.get("batch_rows") or n), n)
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and batch_rows % devices:
+        raise SetupError(f"data.batch_rows={batch_rows} is not divisible by the {devices} "
+                         "devices")
+    steps = int(options.get("steps", 3000))
+    run = {"epochs": max(1, math.ceil(steps / math.ceil(n / batch_rows))),
+           "lr": float(options.get("lr", 0.05)), "lr_final": float(options.get("lr_final", 0.02)),
+           "checkpoint_every": int(options.get("checkpoint_every", 500))}
+    metadata = {"model": "mixed", "method": "vi", "formula": design.formula.text}
+    try:
+        trainer, summary = fit_stochastic(run, trainer_cfg, estimator, estimator.table,
+                                          batch_rows, int(cfg.seed), dtype, output_dir, metadata,
+                                          cfg.get("ckpt_path"))
+    except (NonFiniteObjective, ValueError) as exc:
+        raise SetupError(str(exc)) from exc
+    if trainer.global_rank != 0:
+        return None
+    estimator.model.cpu(), estimator.guide.cpu()
+    fit = estimator.result(
+        se=bool(cfg.get("se", True)), converged=summary["converged"],
+        n_iter=summary["n_iter"], n_eval=summary["n_iter"],
+        message=f"VI: {summary['n_iter']} steps of {batch_rows} rows ({summary['stop_reason']})",
+    )
+    fit.extra.update(elbo=estimator.elbo_value(), batch_rows=batch_rows,
+                     optimizer_seconds=summary["fit_seconds"])
+    return fit
+
+
 def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Fit the formula model of ``cfg`` and write the run's outputs into ``output_dir``."""
     set_threads(cfg)
@@ -150,11 +197,16 @@ def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     method = resolve_method(family, method_name(plain(cfg.method)))
     start = time.perf_counter()
     design, held, source = load_design(cfg)
-    device = device_of(cfg)
-    design.to(device)
-    method_cfg = {**plain(cfg.method), "seed": int(cfg.seed)}
-    fit = fit_design(design, family, model.get("link"), method,
-                     int(model.get("max_iter") or 500), bool(cfg.get("se", True)), method_cfg)
+    if method == "vi":  # the design stays on the CPU: Lightning moves each batch
+        fit = fit_vi(cfg, design, family, model.get("link"), output_dir)
+        if fit is None:
+            return {}
+    else:
+        design.to(device_of(cfg))
+        method_cfg = {**plain(cfg.method), "seed": int(cfg.seed)}
+        fit = fit_design(design, family, model.get("link"), method,
+                         int(model.get("max_iter") or 500), bool(cfg.get("se", True)),
+                         method_cfg)
     fit_seconds = time.perf_counter() - start
     fitted = FittedMixed.from_fit(fit, design, {"model": model, "data": plain(cfg.data)})
     summary = fit.summary()
@@ -178,7 +230,7 @@ def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 f"held-out residuals (RMSE {results['heldout']['rmse']:.4f})",
             )
         predictions.to_csv(output_dir / "heldout_predictions.csv", index=False)
-    fitted.save(output_dir / "checkpoints" / "last.ckpt")
+    fitted.save(output_dir / "checkpoints" / "last.ckpt", into_existing=method == "vi")
     write_results(output_dir / "results.json", results)
     log.info("loglik %.4f  converged %s (%d iterations, %.1f s)  -> %s", fit.loglik,
              fit.converged, fit.n_iter, fit_seconds, output_dir)
