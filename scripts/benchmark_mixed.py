@@ -9,6 +9,14 @@ variances; lme4's ``lmer`` call likewise). Prints wall and CPU seconds, log-like
 time ratios ours/R. Usage::
 
     python scripts/benchmark_mixed.py [--repeats 2] [--ordinal] [--clmm] [--threads 1]
+
+``--vi``: instead, ``train.py`` runs on 80% of the rows (``data.heldout_fraction=0.2``): the
+ML fit, then ``method=vi`` full batch and in minibatches of ``--batch-rows`` rows (with the
+guide's low-rank part of ``--rank`` columns, and without it); prints each run's wall and CPU
+seconds, log-likelihood at its estimates, ELBO, variances relative to the ML fit's and
+held-out RMSE::
+
+    python scripts/benchmark_mixed.py --vi [--steps 2000] [--batch-rows 4096] [--rank 20]
 """
 
 from __future__ import annotations
@@ -90,6 +98,57 @@ def lme4(repeats: int, clmm: bool) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def train_run(out: Path, *overrides: str) -> dict:
+    """``train.py model=mixed data=insteval data.heldout_fraction=0.2 ...`` into ``out``:
+    its results.json with the process's wall and CPU seconds."""
+    import resource
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), "model=mixed", "data=insteval",
+         "data.heldout_fraction=0.2", "trainer.enable_progress_bar=false", *overrides,
+         f"hydra.run.dir={out}"], cwd=root, capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr.strip().splitlines()[-1])
+    results = json.loads((out / "results.json").read_text())
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {**results, "wall": wall, "cpu": cpu}
+
+
+def compare_vi(steps: int, batch_rows: int, rank: int) -> None:
+    """ML against VI on the same 80% of InstEval's rows (see the module's docstring)."""
+    runs = {
+        "ml": ["method=ml"],
+        f"vi full rank {rank}": ["method=vi", f"method.mixed.steps={steps}",
+                                 f"method.mixed.rank={rank}"],
+        f"vi {batch_rows} rows rank {rank}": [
+            "method=vi", f"method.mixed.steps={steps}", f"method.mixed.rank={rank}",
+            f"data.batch_rows={batch_rows}"],
+        "vi full rank 0": ["method=vi", f"method.mixed.steps={steps}", "method.mixed.rank=0"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {name: train_run(Path(tmp) / str(i), *o)
+                   for i, (name, o) in enumerate(runs.items())}
+    ml = results["ml"]
+    groups = ("s", "d", "dept", "Residual")
+    print(f"{'fit':24s} {'wall s':>7s} {'cpu s':>7s} {'loglik':>12s} {'elbo':>12s} "
+          + " ".join(f"{'var ' + g:>17s}" for g in groups) + f" {'service':>9s} {'RMSE':>9s}")
+    for name, r in results.items():
+        var = [r["varcorr"][g]["var"][0] for g in groups]
+        rel = [v / ml["varcorr"][g]["var"][0] - 1 for v, g in zip(var, groups, strict=True)]
+        cells = " ".join(f"{v:9.5f}{'' if name == 'ml' else f' ({d:+.0%})':>8s}"
+                         for v, d in zip(var, rel, strict=True))
+        print(f"{name:24s} {r['wall']:7.1f} {r['cpu']:7.1f} {r['loglik']:12.2f} "
+              f"{r.get('elbo', float('nan')):12.2f} {cells} {r['fixef']['service']:9.5f} "
+              f"{r['heldout']['rmse']:9.6f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="fits per side (best is kept)")
@@ -97,7 +156,14 @@ def main() -> None:
     parser.add_argument("--clmm", action="store_true", help="also ordinal::clmm (slow)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vi", action="store_true", help="ML against VI through train.py")
+    parser.add_argument("--steps", type=int, default=2000, help="VI optimizer steps")
+    parser.add_argument("--batch-rows", type=int, default=4096, help="VI minibatch rows")
+    parser.add_argument("--rank", type=int, default=20, help="VI guide's low-rank columns")
     args = parser.parse_args()
+    if args.vi:
+        compare_vi(args.steps, args.batch_rows, args.rank)
+        return
     torch.set_num_threads(args.threads)
     table = pd.read_csv(table_path("insteval"))
     rows = {}

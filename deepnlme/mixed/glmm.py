@@ -24,7 +24,7 @@ import torch
 from deepnlme.mixed import families
 from deepnlme.mixed.covariance import RelativeCovariance
 from deepnlme.mixed.design import MixedDesign
-from deepnlme.mixed.optimizer import minimize_bounded
+from deepnlme.mixed.optimizer import OptimResult, minimize_bounded
 from deepnlme.mixed.random_effects import RandomDesign, natural_scale
 from deepnlme.mixed.result import MixedFit, conditional_modes
 
@@ -214,16 +214,17 @@ def fit_glmm(
     link = families.check_family(family, link)
     start = time.perf_counter()
     objective = LaplaceObjective(design, family, link)
-    device = design.y.device
-    opt = minimize_bounded(
-        objective,
-        objective.initial(),
-        objective.lower_bounds(),
-        device,
-        max_iter=max_iter,
-        gtol=gtol,
-    )
-    fit_seconds = time.perf_counter() - start
+    opt = minimize_bounded(objective, objective.initial(), objective.lower_bounds(),
+                           design.y.device, max_iter=max_iter, gtol=gtol)
+    return glmm_result(design, objective, opt, se, time.perf_counter() - start)
+
+
+def glmm_result(
+    design: MixedDesign, objective: LaplaceObjective, opt: OptimResult, se: bool,
+    fit_seconds: float,
+) -> MixedFit:
+    """The fit at the minimiser ``opt.x`` (φ) of ``objective``: modes, standard errors."""
+    family, link, device = objective.family, objective.link, design.y.device
     phi = torch.as_tensor(opt.x, dtype=torch.float64, device=device)
     with torch.no_grad():
         beta, alpha, theta = objective.unpack(phi)

@@ -22,7 +22,7 @@ import torch
 from deepnlme.mixed.blocked import BlockedFactor, lower_gradient
 from deepnlme.mixed.covariance import RelativeCovariance
 from deepnlme.mixed.design import MixedDesign
-from deepnlme.mixed.optimizer import minimize_bounded
+from deepnlme.mixed.optimizer import OptimResult, minimize_bounded
 from deepnlme.mixed.random_effects import RandomDesign, natural_scale
 from deepnlme.mixed.result import MixedFit, conditional_modes
 
@@ -91,6 +91,12 @@ class ProfiledDeviance:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self.parts(theta)[0]
 
+    def initial(self) -> np.ndarray:
+        return self.cov.initial()
+
+    def lower_bounds(self) -> np.ndarray:
+        return self.cov.lower_bounds()
+
 
 def fit_lmm(
     design: MixedDesign, reml: bool = False, max_iter: int = 500, gtol: float = 1e-5
@@ -98,16 +104,16 @@ def fit_lmm(
     """Fit a Gaussian LMM by ML or REML; returns a :class:`MixedFit` with lme4's quantities."""
     start = time.perf_counter()
     objective = ProfiledDeviance(design, reml)
-    device = design.y.device
-    opt = minimize_bounded(
-        objective,
-        objective.cov.initial(),
-        objective.cov.lower_bounds(),
-        device,
-        max_iter=max_iter,
-        gtol=gtol,
-    )
-    fit_seconds = time.perf_counter() - start
+    opt = minimize_bounded(objective, objective.initial(), objective.lower_bounds(),
+                           design.y.device, max_iter=max_iter, gtol=gtol)
+    return lmm_result(design, objective, opt, time.perf_counter() - start)
+
+
+def lmm_result(
+    design: MixedDesign, objective: ProfiledDeviance, opt: OptimResult, fit_seconds: float
+) -> MixedFit:
+    """The fit at the minimiser ``opt.x`` (θ) of ``objective``: β, σ, vcov, modes."""
+    reml, device = objective.reml, design.y.device
     with torch.no_grad():
         theta = torch.as_tensor(opt.x, dtype=torch.float64, device=device)
         dev, factor, r2 = objective.parts(theta)

@@ -78,16 +78,74 @@ class RowTable:
 
 
 class LevelGuide(nn.Module):
-    """q(b_k,j) = N(loc, L Lᵀ) for every level j of every term k (one
-    :class:`~deepnlme.inference.pyro.guides.SubjectGuide` per term)."""
+    """q(b) over every level of every term: a Gaussian of each level's effects with its own
+    mean and full covariance (one :class:`~deepnlme.inference.pyro.guides.SubjectGuide` per
+    term), plus, with ``rank`` > 0, a shared low-rank part ``W z`` (``W`` ``(D, rank)``,
+    ``z ~ N(0, I)``) that correlates effects across levels and terms — e.g. a department's
+    effect with its instructors', which a guide independent across levels cannot represent
+    (variational EM then shrinks the smaller variance towards 0).
 
-    def __init__(self, sizes: list[tuple[int, int]], init_scale: float) -> None:
+    Args:
+        sizes: ``(n_k, p_k)`` of each term.
+        init_scale: initial SD of every effect.
+        rank: columns of ``W`` (0: levels independent).
+        seed: seed of W's small random start (W = 0 is a stationary point).
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], init_scale: float, rank: int = 0,
+                 seed: int = 0) -> None:
         super().__init__()
+        self.sizes = list(sizes)
         self.terms = nn.ModuleList([SubjectGuide(n, p, init_scale) for n, p in sizes])
+        self.rank = int(rank)
+        if self.rank:
+            g = torch.Generator().manual_seed(seed)
+            D = sum(n * p for n, p in sizes)
+            self.factor = nn.Parameter(0.01 * init_scale * torch.randn(D, self.rank, generator=g))
 
     def posterior(self) -> list[tuple[Tensor, Tensor]]:
-        """``[(loc (n_k, p_k), scale_tril (n_k, p_k, p_k))]``."""
+        """Each level's own part: ``[(loc (n_k, p_k), scale_tril (n_k, p_k, p_k))]``."""
         return [g.posterior(ALL_LEVELS) for g in self.terms]
+
+    def _factors(self) -> list[Tensor]:
+        parts = torch.split(self.factor, [n * p for n, p in self.sizes])
+        return [w.reshape(n, p, self.rank) for w, (n, p) in zip(parts, self.sizes, strict=True)]
+
+    def sample(self, eps: list[Tensor], z: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """Draws ``b_k = loc_k + L_k ε_k (+ W_k z)`` ``[(n_k, p_k)]`` and their log density:
+        per level ``[(n_k,)]`` summed over terms (rank 0), or the joint one (a scalar; by
+        the Woodbury identity and the determinant lemma, O(D · rank²))."""
+        own = self.posterior()
+        b = [loc + (L @ e[..., None]).squeeze(-1) for (loc, L), e in zip(own, eps, strict=True)]
+        if not self.rank:
+            log_q = [dist.MultivariateNormal(loc, scale_tril=L).log_prob(bk)
+                     for (loc, L), bk in zip(own, b, strict=True)]
+            return b, torch.cat(log_q).sum()
+        W = self._factors()
+        b = [bk + wk @ z for bk, wk in zip(b, W, strict=True)]
+        quad, logdet, D = 0.0, 0.0, 0
+        capacitance = torch.eye(self.rank, dtype=z.dtype, device=z.device)
+        proj = torch.zeros_like(z)
+        for (loc, L), bk, wk in zip(own, b, W, strict=True):
+            v = torch.linalg.solve_triangular(L, (bk - loc)[..., None], upper=False)[..., 0]
+            A = torch.linalg.solve_triangular(L, wk, upper=False)  # (n, p, rank)
+            quad = quad + (v * v).sum()
+            logdet = logdet + 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
+            capacitance = capacitance + torch.einsum("npr,nps->rs", A, A)
+            proj = proj + torch.einsum("npr,np->r", A, v)
+            D += v.numel()
+        chol = torch.linalg.cholesky(capacitance)
+        w = torch.linalg.solve_triangular(chol, proj[:, None], upper=False)[:, 0]
+        quad = quad - (w * w).sum()
+        logdet = logdet + 2 * torch.log(torch.diagonal(chol)).sum()
+        return b, -0.5 * (quad + logdet + D * math.log(2 * math.pi))
+
+    def marginal_sd(self) -> list[Tensor]:
+        """SD of every effect under q ``[(n_k, p_k)]``."""
+        var = [(L * L).sum(-1) for _, L in self.posterior()]
+        if self.rank:
+            var = [v + (w * w).sum(-1) for v, w in zip(var, self._factors(), strict=True)]
+        return [torch.sqrt(v) for v in var]
 
 
 class FormulaVI:
@@ -100,6 +158,8 @@ class FormulaVI:
         num_particles: draws of all random effects per step.
         init_scale: initial SD of q(b).
         seed: seed of the reparameterization noise.
+        dtype: of the parameters.
+        rank: columns of the guide's low-rank part across levels (:class:`LevelGuide`).
     """
 
     fit_style = "stochastic"
@@ -107,7 +167,7 @@ class FormulaVI:
 
     def __init__(self, design: MixedDesign, family: str, link: str, num_particles: int = 1,
                  init_scale: float = 0.1, seed: int = 0,
-                 dtype: torch.dtype = torch.float64) -> None:
+                 dtype: torch.dtype = torch.float64, rank: int = 0) -> None:
         if int(num_particles) < 1:
             raise ValueError(f"method.num_particles must be >= 1, got {num_particles}")
         self.design = design
@@ -115,7 +175,7 @@ class FormulaVI:
         self.table = RowTable(self.rows)
         self.model = FormulaParameters(self.rows, dtype)
         sizes = [(t.n_levels, t.size) for t in design.terms]
-        self.guide = LevelGuide(sizes, init_scale).to(dtype)
+        self.guide = LevelGuide(sizes, init_scale, rank, seed).to(dtype)
         self.num_particles, self.seed = int(num_particles), int(seed)
         self.step = 0  # set by the training loop: selects the noise
         self._particle = 0
@@ -147,13 +207,18 @@ class FormulaVI:
         return torch.randn(shape, generator=g, dtype=like.dtype).to(like.device)
 
     def pyro_guide(self, index: Tensor, batch: RowBatch) -> None:
-        """q(b): ``b = loc + L ε`` with the step's noise ε at each term's site."""
-        for k, (loc, L) in enumerate(self.guide.posterior()):
-            eps = self._noise(k, loc.shape, loc)
-            b = loc + (L @ eps[..., None]).squeeze(-1)
-            log_q = dist.MultivariateNormal(loc, scale_tril=L).log_prob(b)
-            with pyro.plate(f"levels_{k}", loc.shape[0]):
-                pyro.sample(f"b_{k}", dist.Delta(b, log_density=log_q, event_dim=1))
+        """q(b) with the step's noise at each term's site (the joint log density is spread
+        evenly over the levels of all sites: only its sum enters the ELBO)."""
+        guide = self.guide
+        eps = [self._noise(k, torch.Size(size), guide.terms[k].loc)
+               for k, size in enumerate(guide.sizes)]
+        z = self._noise(len(eps), torch.Size([guide.rank]), eps[0]) if guide.rank else None
+        b, log_q = guide.sample(eps, z)
+        share = log_q / sum(n for n, _ in guide.sizes)
+        for k, bk in enumerate(b):
+            with pyro.plate(f"levels_{k}", bk.shape[0]):
+                density = share.expand(bk.shape[0])
+                pyro.sample(f"b_{k}", dist.Delta(bk, log_density=density, event_dim=1))
         self._particle += 1
 
     def loss(self, batch) -> Tensor:
@@ -194,9 +259,9 @@ class FormulaVI:
         device, dtype = self.design.X.device, self.design.X.dtype
         params = self.model.to(device, dtype)
         self.guide.to(device, dtype)
-        posterior = [(loc.detach(), L.detach()) for loc, L in self.guide.posterior()]
-        means = [loc for loc, _ in posterior]
-        sds = [torch.sqrt((L * L).sum(-1)) for _, L in posterior]
+        with torch.no_grad():
+            means = [loc for loc, _ in self.guide.posterior()]
+            sds = self.guide.marginal_sd()
         values = [v.detach() for v in params.fitted]
         for key, value in (("converged", True), ("grad_max", float("nan")),
                            ("n_iter", self.step + 1), ("n_eval", self.step + 1),

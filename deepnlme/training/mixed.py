@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 import zipfile
 from collections.abc import Mapping
@@ -16,15 +17,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from deepnlme.cli import Interrupted
 from deepnlme.diagnostics.report import write_results
 from deepnlme.inference.mcem import MCEMOptions
 from deepnlme.mixed.design import MixedDesign, build_design
 from deepnlme.mixed.fitted import CHECKPOINT_KEY, FittedMixed, heldout_metrics
 from deepnlme.mixed.formula import FormulaError, parse_formula
-from deepnlme.mixed.glmm import fit_glmm
-from deepnlme.mixed.lmm import fit_lmm
 from deepnlme.mixed.mcem_fit import fit_mcem
 from deepnlme.mixed.plots import save_effect_histograms, save_residual_histogram
+from deepnlme.mixed.problem import fit_problem
 from deepnlme.mixed.result import MixedFit
 from deepnlme.mixed.tables import load_table, split_rows
 from deepnlme.training.build import SetupError, plain, set_threads
@@ -65,24 +66,62 @@ def resolve_method(family: str, method: str) -> str:
                      + ("method=ml or method=reml" if family == "gaussian" else "method=laplace"))
 
 
-def fit_design(design: MixedDesign, family: str, link: str | None, method: str,
-               max_iter: int, se: bool, method_cfg: Mapping[str, Any] | None = None) -> MixedFit:
-    """The fit of ``design`` by ``method`` (``ml``, ``reml``, ``laplace`` or ``mcem``)."""
+def fit_design(cfg: DictConfig, design: MixedDesign, family: str, link: str | None,
+               method: str, output_dir: Path) -> MixedFit:
+    """The fit of ``design`` by ``ml``, ``reml`` or ``laplace`` (full-batch bounded L-BFGS
+    through Lightning: :mod:`deepnlme.training.mixed_module`) or ``mcem``."""
+    model = plain(cfg.model)
     if method == "mcem":
         keys = MCEMOptions.__dataclass_fields__
-        options = MCEMOptions(**{k: v for k, v in (method_cfg or {}).items() if k in keys})
+        method_cfg = {**plain(cfg.method), "seed": int(cfg.seed)}
+        options = MCEMOptions(**{k: v for k, v in method_cfg.items() if k in keys})
         try:
             return fit_mcem(design, family, link, options)
         except ValueError as exc:
             raise SetupError(str(exc)) from exc
-    if family == "gaussian":
-        if link not in (None, "identity"):
-            raise SetupError(f"family gaussian has only the identity link (got {link!r})")
-        return fit_lmm(design, reml=method == "reml", max_iter=max_iter)
+    from deepnlme.training.mixed_module import METADATA_KEY, fit_full_batch
+
     try:
-        return fit_glmm(design, family, link, max_iter=max_iter, se=se)
+        problem = fit_problem(design, family, link, method, bool(cfg.get("se", True)))
     except ValueError as exc:
         raise SetupError(str(exc)) from exc
+    metadata = run_metadata(design, family, method)
+    check_resumable(cfg.get("ckpt_path"), METADATA_KEY, metadata)
+    opt, seconds, received = fit_full_batch(
+        problem, plain(cfg.trainer), output_dir, int(model.get("max_iter") or 500),
+        int(model.get("iterations_per_epoch") or 100), cfg.get("ckpt_path"), metadata,
+    )
+    if received is not None:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        raise Interrupted(
+            f"fit interrupted by {signal.Signals(received).name} after {opt.n_iter} "
+            f"iterations; resume with ckpt_path={last}", received,
+        )
+    fit = problem.report(opt, seconds)
+    fit.extra["optimizer_seconds"] = seconds
+    return fit
+
+
+def run_metadata(design: MixedDesign, family: str, method: str) -> dict[str, Any]:
+    """What a training checkpoint of a formula model records about its run."""
+    return {"model": "mixed", "formula": design.formula.text, "family": family,
+            "method": method, "n_obs": design.n_obs}
+
+
+def check_resumable(ckpt_path: str | None, key: str, metadata: Mapping[str, Any]) -> None:
+    """Raise :class:`SetupError` unless ``ckpt_path`` (if given) is a training checkpoint of a
+    run with the same formula, family, method and rows."""
+    if not ckpt_path:
+        return
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get(key)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line for the user
+        raise SetupError(f"cannot resume from ckpt_path {ckpt_path}: {exc}") from None
+    if saved != dict(metadata):
+        raise SetupError(
+            f"cannot resume from ckpt_path {ckpt_path}: it was written by another run "
+            f"({saved or 'not a formula-model fit'}); resume with the same overrides as the run"
+        )
 
 
 def load_design(cfg: DictConfig) -> tuple[MixedDesign, pd.DataFrame | None, str]:
@@ -145,6 +184,7 @@ def fit_vi(cfg: DictConfig, design: MixedDesign, family: str, link: str | None,
     minibatches of ``data.batch_rows`` rows, Adam with a cosine schedule, checkpoints that
     resume, ``trainer.devices``/``strategy`` for data-parallel fits). None on the
     non-reporting ranks of a data-parallel fit."""
+    from deepnlme.fitted import CHECKPOINT_KEY as RUN_KEY
     from deepnlme.inference.pyro.vi import NonFiniteObjective
     from deepnlme.mixed import families
     from deepnlme.mixed.vi import FormulaVI
@@ -157,7 +197,8 @@ def fit_vi(cfg: DictConfig, design: MixedDesign, family: str, link: str | None,
     link = "identity" if family == "gaussian" else families.check_family(family, link)
     dtype = precision_dtype(trainer_cfg.get("precision", "64-true"))
     estimator = FormulaVI(design, family, link, int(method.get("num_particles") or 1),
-                          float(options.get("init_scale", 0.1)), int(cfg.seed), dtype)
+                          float(options.get("init_scale", 0.1)), int(cfg.seed), dtype,
+                          int(options.get("rank", 0)))
     n = len(estimator.table)
     batch_rows = min(int(cfg.data.get("batch_rows") or n), n)
     devices = trainer_cfg.get("devices", 1)
@@ -168,7 +209,8 @@ def fit_vi(cfg: DictConfig, design: MixedDesign, family: str, link: str | None,
     run = {"epochs": max(1, math.ceil(steps / math.ceil(n / batch_rows))),
            "lr": float(options.get("lr", 0.05)), "lr_final": float(options.get("lr_final", 0.02)),
            "checkpoint_every": int(options.get("checkpoint_every", 500))}
-    metadata = {"model": "mixed", "method": "vi", "formula": design.formula.text}
+    metadata = run_metadata(design, family, "vi")
+    check_resumable(cfg.get("ckpt_path"), RUN_KEY, metadata)
     try:
         trainer, summary = fit_stochastic(run, trainer_cfg, estimator, estimator.table,
                                           batch_rows, int(cfg.seed), dtype, output_dir, metadata,
@@ -203,10 +245,7 @@ def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             return {}
     else:
         design.to(device_of(cfg))
-        method_cfg = {**plain(cfg.method), "seed": int(cfg.seed)}
-        fit = fit_design(design, family, model.get("link"), method,
-                         int(model.get("max_iter") or 500), bool(cfg.get("se", True)),
-                         method_cfg)
+        fit = fit_design(cfg, design, family, model.get("link"), method, output_dir)
     fit_seconds = time.perf_counter() - start
     fitted = FittedMixed.from_fit(fit, design, {"model": model, "data": plain(cfg.data)})
     summary = fit.summary()
@@ -230,7 +269,7 @@ def train_mixed(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 f"held-out residuals (RMSE {results['heldout']['rmse']:.4f})",
             )
         predictions.to_csv(output_dir / "heldout_predictions.csv", index=False)
-    fitted.save(output_dir / "checkpoints" / "last.ckpt", into_existing=method == "vi")
+    fitted.save(output_dir / "checkpoints" / "last.ckpt", into_existing=method != "mcem")
     write_results(output_dir / "results.json", results)
     log.info("loglik %.4f  converged %s (%d iterations, %.1f s)  -> %s", fit.loglik,
              fit.converged, fit.n_iter, fit_seconds, output_dir)

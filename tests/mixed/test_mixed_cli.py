@@ -89,3 +89,27 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_full_batch_fit_resumes_from_its_checkpoint(tmp_path):
+    """ml through Lightning, 5 L-BFGS-B iterations per epoch: a fit stopped after its first
+    epoch and resumed from its checkpoint ends where the straight fit does; a checkpoint of
+    another run is refused with one line."""
+    from tests.test_cli import train
+
+    args = ("model=mixed", "data=table", f"data.path={DATA / 'sleepstudy.csv'}", SLEEP,
+            "method=ml", "model.iterations_per_epoch=5", "trainer.enable_progress_bar=false")
+    straight = train(tmp_path / "a", *args)
+    assert straight["converged"] and abs(straight["loglik"] - -875.9697) < 0.01
+    first = train(tmp_path / "b", *args, "trainer.max_epochs=1")
+    assert not first["converged"] and first["n_iter"] == 5
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    resumed = train(tmp_path / "c", *args, f"ckpt_path={ckpt}")
+    assert resumed["converged"] and resumed["n_iter"] == straight["n_iter"]
+    assert resumed["loglik"] == pytest.approx(straight["loglik"], abs=1e-9)
+    assert resumed["fixef"] == pytest.approx(straight["fixef"], rel=1e-9)
+    proc = run("train.py", *args[:-3], "method=reml", f"ckpt_path={ckpt}",
+               f"hydra.run.dir={tmp_path / 'd'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot resume from ckpt_path" in proc.stderr.strip().splitlines()[-1]
