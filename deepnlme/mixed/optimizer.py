@@ -66,4 +66,3 @@ def minimize_bounded(
         res.x, float(res.fun), projected_grad_max(res.x, g, lower), int(res.nit), evals[0],
         bool(res.success), str(res.message),
     )
-
