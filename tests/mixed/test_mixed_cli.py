@@ -81,6 +81,9 @@ def test_train_heldout_and_predict_new_rows(tmp_path):
         (["model.family=ordinal", SLEEP], "row 1, column Reaction: an ordinal response must "
                                           "be an integer rating"),
         ([SLEEP, "method=reml", "model.family=poisson"], "method=reml does not fit a poisson"),
+        ([SLEEP, "method=vi", "data.batch_rows=61", "trainer.devices=2",
+          "trainer.strategy=ddp"], "data.batch_rows=61 is not divisible by the 2 devices"),
+        ([SLEEP, "method=vi", "trainer=gpu"], "trainer=gpu needs a CUDA build of PyTorch"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
