@@ -1,4 +1,5 @@
-"""Minibatch training (method=vi) through Lightning: sampling, resuming, data parallelism."""
+"""Minibatch training (method=vi) and SAEM through Lightning: sampling, resuming, data
+parallelism."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from deepnlme.data import load_dataset
+from deepnlme.inference.pyro.saem import SAEMEstimator
 from deepnlme.inference.pyro.vi import VariationalEstimator
 from deepnlme.model.zoo.pk import OneCmtOralModel
 from deepnlme.training.stochastic import SubjectSampler, fit_stochastic
@@ -86,6 +88,30 @@ def test_killed_fit_resumes_on_the_same_trajectory(tmp_path):
     resumed = fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "checkpoints" / "last.ckpt")
     assert not torch.equal(straight, fit(tmp_path / "d", callbacks=[StopAfter(2)]))
     assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
+
+
+def fit_saem(out: Path, ckpt_path=None, callbacks=()):
+    """12 SAEM iterations (6 exploration, 6 smoothing) with a checkpoint after every one."""
+    pop = load_dataset("theophylline", dtype=torch.float64)
+    model = OneCmtOralModel().double()
+    est = SAEMEstimator(model, n_explore=6, n_smooth=6, n_anneal=3, seed=3)
+    method = {"checkpoint_every": 1}
+    fit_stochastic(
+        method, TRAINER, est, pop, None, 7, torch.float64, out, {}, ckpt_path, list(callbacks)
+    )
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), est
+
+
+def test_killed_saem_fit_resumes_on_the_same_trajectory(tmp_path):
+    straight, whole = fit_saem(tmp_path / "a")
+    stopped, killed = fit_saem(tmp_path / "b", callbacks=[StopAfter(8)])  # while smoothing
+    assert len(killed.history) == 8 and not torch.allclose(stopped, straight, rtol=1e-6)
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    resumed, est = fit_saem(tmp_path / "c", ckpt_path=ckpt)
+    assert [h["iteration"] for h in est.history] == list(range(12))
+    assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(est.state.eta, whole.state.eta, rtol=1e-10, atol=1e-12)
+    assert est.history[-1]["q"] == pytest.approx(whole.history[-1]["q"], rel=1e-10)
 
 
 VI = ("model=one_cmt_oral", "data=theophylline", "method=vi", "loglik_is=false",
