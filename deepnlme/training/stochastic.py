@@ -271,10 +271,11 @@ def fit_stochastic(
     objective raises :class:`NonFiniteObjective` (one line for the user).
     """
     quiet_lightning()
+    show = bool(trainer_cfg.get("enable_progress_bar", True))
     if estimator.fit_style == "nuts":
+        estimator.progress = estimator.progress and show
         return None, _run_nuts(estimator, pop, output_dir, metadata)
     if estimator.fit_style == "mcem":
-        show = bool(trainer_cfg.get("enable_progress_bar", True))
         return None, _run_mcem(estimator, pop, output_dir, metadata, show)
     devices = trainer_cfg.get("devices", 1)
     if estimator.fit_style == "saem":

@@ -53,7 +53,7 @@ class MCEMEstimator(ImportanceReports):
         model: NLMEModel,
         n_iter: int = 1000,
         n_leapfrog: int = 10,
-        step_size: float = 0.01,
+        step_size: float = 0.1,
         target_accept: float = 0.75,
         lr: float = 0.02,
         warmup_fraction: float = 0.3,
@@ -108,6 +108,7 @@ class MCEMEstimator(ImportanceReports):
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in skip]
 
     # ------------------------------------------------------------- closed-form M-step
+    @torch.no_grad()
     def closed_form(self, psi: Tensor, gamma: float, warming_up: bool) -> None:
         """Typical values (mean of ψ) and Ω (second moments of η about them) from the
         sufficient statistics smoothed with weight ``gamma``; annealed during warm-up."""
