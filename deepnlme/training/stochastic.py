@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -31,7 +31,7 @@ from deepnlme.fitted import CHECKPOINT_KEY
 from deepnlme.inference.pyro.program import SubjectBatch
 from deepnlme.inference.pyro.saem import save_convergence_plot
 from deepnlme.inference.pyro.vi import NonFiniteObjective
-from deepnlme.training.build import quiet_lightning
+from deepnlme.training.build import LAST_CHECKPOINT, quiet_lightning
 from deepnlme.training.callbacks import FitProgressBar, FitTimer
 from deepnlme.training.datamodule import PopulationDataModule
 
@@ -216,6 +216,19 @@ class SAEMFitModule(pl.LightningModule):
         self.estimator.load_state_dict(checkpoint[SAEM_KEY])
 
 
+class EveryEpochs(Callback):
+    """Rewrites the checkpoint ``path`` at the end of every ``every``-th epoch (Lightning writes
+    it to a temporary file moved into place), so that a killed fit leaves a recent state.
+    Unlike ``ModelCheckpoint`` it does not count optimizer steps: SAEM takes none."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), int(every)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every == 0:
+            trainer.save_checkpoint(self.path)
+
+
 class BoundMonitor(Callback):
     """Records the bound of the last epoch (mean over its steps) and the number of steps."""
 
@@ -303,19 +316,19 @@ def fit_stochastic(
             metadata,
         )
     every = max(1, math.ceil(int(method_cfg.get("checkpoint_every", 200)) / steps_per_epoch))
-    checkpoints = ModelCheckpoint(
-        dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0,
-        every_n_epochs=every,
-    )
+    last = Path(output_dir) / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    checkpoints = EveryEpochs(last, every)
     monitor, timer = BoundMonitor(), FitTimer()
-    callbacks: list[Callback] = [monitor, timer, checkpoints, *(extra_callbacks or [])]
+    callbacks: list[Callback] = [monitor, timer, *(extra_callbacks or [])]
     config = dict(trainer_cfg)
     if config.get("enable_progress_bar", True):
         callbacks.append(FitProgressBar(refresh_rate=max(1, steps_per_epoch * every // 4)))
-    config.update(max_epochs=epochs, use_distributed_sampler=False, log_every_n_steps=50)
+    callbacks.append(checkpoints)  # last: the other callbacks' epoch ends are in its state
+    config.update(max_epochs=epochs, use_distributed_sampler=False, log_every_n_steps=50,
+                  enable_checkpointing=False)  # EveryEpochs writes the one checkpoint
     trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(Path(output_dir) / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(last)
     if estimator.fit_style == "saem" and trainer.global_rank == 0:
         save_convergence_plot(
             estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore

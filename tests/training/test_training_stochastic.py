@@ -4,6 +4,7 @@ parallelism."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,12 +91,24 @@ def test_killed_fit_resumes_on_the_same_trajectory(tmp_path):
     assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
 
 
+class CopyCheckpoint(Callback):
+    """Copies last.ckpt to ``target`` as epoch ``epoch`` starts: the state a fit killed then
+    would leave behind (the fit itself goes on)."""
+
+    def __init__(self, source: Path, target: Path, epoch: int):
+        self.source, self.target, self.epoch = source, target, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            shutil.copy(self.source, self.target)
+
+
 def fit_saem(out: Path, ckpt_path=None, callbacks=()):
-    """12 SAEM iterations (6 exploration, 6 smoothing) with a checkpoint after every one."""
+    """12 SAEM iterations (6 exploration, 6 smoothing), a checkpoint every 2."""
     pop = load_dataset("theophylline", dtype=torch.float64)
     model = OneCmtOralModel().double()
     est = SAEMEstimator(model, n_explore=6, n_smooth=6, n_anneal=3, seed=3)
-    method = {"checkpoint_every": 1}
+    method = {"checkpoint_every": 2}
     fit_stochastic(
         method, TRAINER, est, pop, None, 7, torch.float64, out, {}, ckpt_path, list(callbacks)
     )
@@ -103,11 +116,12 @@ def fit_saem(out: Path, ckpt_path=None, callbacks=()):
 
 
 def test_killed_saem_fit_resumes_on_the_same_trajectory(tmp_path):
-    straight, whole = fit_saem(tmp_path / "a")
-    stopped, killed = fit_saem(tmp_path / "b", callbacks=[StopAfter(8)])  # while smoothing
-    assert len(killed.history) == 8 and not torch.allclose(stopped, straight, rtol=1e-6)
-    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    resumed, est = fit_saem(tmp_path / "c", ckpt_path=ckpt)
+    mid = tmp_path / "mid.ckpt"
+    copy = CopyCheckpoint(tmp_path / "a" / "checkpoints" / "last.ckpt", mid, epoch=9)
+    straight, whole = fit_saem(tmp_path / "a", callbacks=[copy])
+    saved = torch.load(mid, weights_only=True)
+    assert saved["saem_state"]["iteration"] == 8  # written during the fit, while smoothing
+    resumed, est = fit_saem(tmp_path / "b", ckpt_path=mid)
     assert [h["iteration"] for h in est.history] == list(range(12))
     assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
     assert torch.allclose(est.state.eta, whole.state.eta, rtol=1e-10, atol=1e-12)
