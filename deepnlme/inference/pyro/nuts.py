@@ -380,7 +380,7 @@ class FlatPosterior:
         self.mu: dict[int, str] = {}
         if estimator.centred:
             by_raw = {id(p.raw): n for n, p in model.declared().items()}
-            for j, raw in mu_referenced(model, pop).items():
+            for j, raw in mu_referenced(model, pop, diagonal_only=False).items():
                 name = by_raw.get(id(raw))
                 if name in self.theta_names:
                     self.mu[j] = name

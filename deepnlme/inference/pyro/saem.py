@@ -64,17 +64,19 @@ class SAEMState:
 
 
 @torch.no_grad()
-def mu_referenced(model: NLMEModel, pop: Population) -> dict[int, Tensor]:
+def mu_referenced(
+    model: NLMEModel, pop: Population, diagonal_only: bool = True
+) -> dict[int, Tensor]:
     """``{j: raw}``: η_j paired with a scalar raw fixed effect that enters every individual
     parameter exactly as η_j does — shifting raw by h and η_j by -h changes nothing (checked
-    at a random probe point), e.g. log tvcl for ``tvcl·exp(η_cl)``; only η of diagonal Ω
-    blocks are paired."""
+    at a random probe point), e.g. log tvcl for ``tvcl·exp(η_cl)``; with ``diagonal_only``
+    only η of diagonal Ω blocks are paired (SAEM's closed-form M-step)."""
     k = model.n_eta
     g = torch.Generator().manual_seed(1)
     eta = (0.3 * torch.randn(len(pop), k, generator=g, dtype=pop.obs_time.dtype)).to(pop.device)
     diagonal = []
     for block in model.random_effects():
-        diagonal += [isinstance(block.domain, DiagonalCovariance)] * block.k
+        diagonal += [isinstance(block.domain, DiagonalCovariance) or not diagonal_only] * block.k
     omega = {id(b.raw) for b in model.random_effects()}
     candidates = [
         p for p in model.parameters() if p.requires_grad and p.numel() == 1 and id(p) not in omega
