@@ -12,6 +12,7 @@ parameters (Polyak) and the latents' moments are averaged over the last iteratio
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,9 +83,11 @@ def hmc_transition(
     h0 = -lp0 + 0.5 * (p0 * p0 * inv_mass).sum()
     h1 = -lp + 0.5 * (p * p * inv_mass).sum()
     log_accept = float(h0 - h1)
-    accept = 1.0 if log_accept >= 0 else float(torch.exp(torch.tensor(log_accept)))
-    if not torch.isfinite(lp) or torch.rand((), generator=generator) >= accept:
-        return x.detach(), accept if torch.isfinite(lp) else 0.0
+    if not math.isfinite(log_accept):  # a diverging trajectory (NaN or infinite energy)
+        return x.detach(), 0.0
+    accept = 1.0 if log_accept >= 0 else math.exp(log_accept)
+    if torch.rand((), generator=generator) >= accept:
+        return x.detach(), accept
     return xn, accept
 
 
@@ -96,6 +99,7 @@ def mcem(
     options: MCEMOptions | None = None,
     callback: Callable[[int, float], None] | None = None,
     recenter: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    closed_form: Callable[[torch.Tensor, float, bool], None] | None = None,
 ) -> MCEMResult:
     """Fit ``params`` (leaf tensors with ``requires_grad``) by MCEM-HMC.
 
@@ -110,11 +114,16 @@ def mcem(
             mean of a grouping factor's intercepts) into the fixed effects, updating the
             parameters in place, and returns the moved latents. Same fixed point as EM, much
             faster where the prior alone pins that direction.
+        closed_form: optional closed-form part of the M-step, called after each E-step (and
+            ``recenter``) as ``closed_form(sample, gamma, warming_up)``: updates in place the
+            parameters it owns (not in ``params``) from sufficient statistics smoothed with
+            weight ``gamma`` — 1 until the averaging share, then 1/m for its m-th iteration
+            (the statistics become the average over that share's samples).
     """
     opts = options or MCEMOptions()
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(opts.seed)
-    optimizer = torch.optim.Adam(list(params), lr=opts.lr)
+    optimizer = torch.optim.Adam(list(params), lr=opts.lr) if params else None
     x = latents.detach().clone()
     inv_mass = torch.ones_like(x)
     step = opts.step_size
@@ -130,10 +139,18 @@ def mcem(
         if recenter is not None:
             with torch.no_grad():
                 x = recenter(x)
-        optimizer.zero_grad()
-        loss = -log_joint(x, batch)
-        loss.backward()
-        optimizer.step()
+        if closed_form is not None:
+            gamma = 1.0 if it < average_from else 1.0 / (it - average_from + 1)
+            with torch.no_grad():
+                closed_form(x, gamma, it < warmup)
+        if optimizer is None:
+            with torch.no_grad():
+                loss = -log_joint(x, batch)
+        else:
+            optimizer.zero_grad()
+            loss = -log_joint(x, batch)
+            loss.backward()
+            optimizer.step()
         trace.append(float(loss.detach()))
         if callback is not None:
             callback(it, trace[-1])

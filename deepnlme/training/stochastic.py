@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -31,12 +31,14 @@ from deepnlme.fitted import CHECKPOINT_KEY
 from deepnlme.inference.pyro.program import SubjectBatch
 from deepnlme.inference.pyro.saem import save_convergence_plot
 from deepnlme.inference.pyro.vi import NonFiniteObjective
-from deepnlme.training.build import quiet_lightning
+from deepnlme.training.build import LAST_CHECKPOINT, quiet_lightning
 from deepnlme.training.callbacks import FitProgressBar, FitTimer
 from deepnlme.training.datamodule import PopulationDataModule
 
 #: ``fit_style`` of the estimators fitted by :func:`fit_stochastic` (not full-batch L-BFGS).
-STOCHASTIC = ("stochastic", "saem", "nuts")
+STOCHASTIC = ("stochastic", "saem", "nuts", "mcem")
+#: Checkpoint key of the SAEM chains and statistics (a killed SAEM fit resumes from them).
+SAEM_KEY = "saem_state"
 #: R-hat below which a NUTS fit is reported converged.
 RHAT_CONVERGED = 1.01
 
@@ -177,7 +179,9 @@ class StochasticFitModule(pl.LightningModule):
 
 
 class SAEMFitModule(pl.LightningModule):
-    """One SAEM iteration per training step (the estimator does its own E- and M-steps).
+    """One SAEM iteration per training step (the estimator does its own E- and M-steps);
+    checkpoints hold the estimator's state (chains, statistics, random stream, history), so
+    that a resumed fit continues on the uninterrupted trajectory.
 
     Args:
         estimator: a :class:`~deepnlme.inference.pyro.saem.SAEMEstimator` (set up).
@@ -204,6 +208,25 @@ class SAEMFitModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.metadata
+        checkpoint[SAEM_KEY] = self.estimator.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if SAEM_KEY not in checkpoint:
+            raise ValueError("the checkpoint holds no SAEM state: resume it with its own method")
+        self.estimator.load_state_dict(checkpoint[SAEM_KEY])
+
+
+class EveryEpochs(Callback):
+    """Rewrites the checkpoint ``path`` at the end of every ``every``-th epoch (Lightning writes
+    it to a temporary file moved into place), so that a killed fit leaves a recent state.
+    Unlike ``ModelCheckpoint`` it does not count optimizer steps: SAEM takes none."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), int(every)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every == 0:
+            trainer.save_checkpoint(self.path)
 
 
 class BoundMonitor(Callback):
@@ -261,8 +284,12 @@ def fit_stochastic(
     objective raises :class:`NonFiniteObjective` (one line for the user).
     """
     quiet_lightning()
+    show = bool(trainer_cfg.get("enable_progress_bar", True))
     if estimator.fit_style == "nuts":
+        estimator.progress = estimator.progress and show
         return None, _run_nuts(estimator, pop, output_dir, metadata)
+    if estimator.fit_style == "mcem":
+        return None, _run_mcem(estimator, pop, output_dir, metadata, show)
     devices = trainer_cfg.get("devices", 1)
     if estimator.fit_style == "saem":
         if devices not in (1, "1", None) or trainer_cfg.get("strategy", "auto") != "auto":
@@ -289,19 +316,19 @@ def fit_stochastic(
             metadata,
         )
     every = max(1, math.ceil(int(method_cfg.get("checkpoint_every", 200)) / steps_per_epoch))
-    checkpoints = ModelCheckpoint(
-        dirpath=Path(output_dir) / "checkpoints", save_last=True, save_top_k=0,
-        every_n_epochs=every,
-    )
+    last = Path(output_dir) / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    checkpoints = EveryEpochs(last, every)
     monitor, timer = BoundMonitor(), FitTimer()
-    callbacks: list[Callback] = [monitor, timer, checkpoints, *(extra_callbacks or [])]
+    callbacks: list[Callback] = [monitor, timer, *(extra_callbacks or [])]
     config = dict(trainer_cfg)
     if config.get("enable_progress_bar", True):
         callbacks.append(FitProgressBar(refresh_rate=max(1, steps_per_epoch * every // 4)))
-    config.update(max_epochs=epochs, use_distributed_sampler=False, log_every_n_steps=50)
+    callbacks.append(checkpoints)  # last: the other callbacks' epoch ends are in its state
+    config.update(max_epochs=epochs, use_distributed_sampler=False, log_every_n_steps=50,
+                  enable_checkpointing=False)  # EveryEpochs writes the one checkpoint
     trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(Path(output_dir) / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(last)
     if estimator.fit_style == "saem" and trainer.global_rank == 0:
         save_convergence_plot(
             estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
@@ -327,10 +354,7 @@ def _run_nuts(
     frame = pd.DataFrame.from_dict(table, orient="index").rename_axis("parameter")
     frame.to_csv(out / "posterior.csv")
     save_trace_plot(estimator, out / "trace.png")
-    (out / "checkpoints").mkdir(exist_ok=True)
-    state = {f"model.{k}": v for k, v in estimator.model.state_dict().items()}
-    torch.save({"state_dict": state, CHECKPOINT_KEY: dict(metadata)},
-               out / "checkpoints" / "last.ckpt")
+    _save_model_checkpoint(estimator.model, out, metadata)
     rhat = max(row["rhat"] for row in table.values())
     return {
         "converged": bool(rhat < RHAT_CONVERGED),
@@ -338,6 +362,50 @@ def _run_nuts(
         "stop_reason": f"{estimator.num_chains} chains sampled (max R-hat {rhat:.4f})",
         "fit_seconds": seconds,
         "posterior": table,
+    }
+
+
+def _save_model_checkpoint(model: Any, out: Path, metadata: Mapping[str, Any]) -> None:
+    """``out/checkpoints/last.ckpt`` with the model's parameters (fits without a training loop:
+    nothing else to resume)."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, CHECKPOINT_KEY: dict(metadata)},
+               out / "checkpoints" / "last.ckpt")
+
+
+def _run_mcem(
+    estimator: Any, pop: Population, output_dir: str | Path, metadata: Mapping[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """MCEM-HMC iterations (no training loop; a progress bar with -log p(y, η)) and a
+    checkpoint at the estimates; returns the summary for results.json."""
+    from tqdm.auto import tqdm
+
+    out = Path(output_dir)
+    bar = tqdm(total=estimator.n_iterations, desc="MCEM", disable=not progress, leave=False)
+
+    def advance(it: int, loss: float) -> None:
+        bar.update(1)
+        if it % 20 == 0:
+            bar.set_postfix(complete_loglik=f"{-loss:.2f}")
+
+    start = time.perf_counter()
+    try:
+        result = estimator.fit(pop, callback=advance)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    _save_model_checkpoint(estimator.model, out, metadata)
+    return {
+        "converged": True,
+        "n_iter": estimator.n_iterations,
+        "stop_reason": (
+            f"{estimator.n_iterations} iterations (HMC acceptance {result.accept_rate:.2f}, "
+            f"step size {result.step_size:.3g})"
+        ),
+        "fit_seconds": seconds,
+        "hmc_accept_rate": result.accept_rate,
     }
 
 

@@ -1,8 +1,10 @@
-"""Minibatch training (method=vi) through Lightning: sampling, resuming, data parallelism."""
+"""Minibatch training (method=vi) and SAEM through Lightning: sampling, resuming, data
+parallelism."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from deepnlme.data import load_dataset
+from deepnlme.inference.pyro.saem import SAEMEstimator
 from deepnlme.inference.pyro.vi import VariationalEstimator
 from deepnlme.model.zoo.pk import OneCmtOralModel
 from deepnlme.training.stochastic import SubjectSampler, fit_stochastic
@@ -86,6 +89,43 @@ def test_killed_fit_resumes_on_the_same_trajectory(tmp_path):
     resumed = fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "checkpoints" / "last.ckpt")
     assert not torch.equal(straight, fit(tmp_path / "d", callbacks=[StopAfter(2)]))
     assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
+
+
+class CopyCheckpoint(Callback):
+    """Copies last.ckpt to ``target`` as epoch ``epoch`` starts: the state a fit killed then
+    would leave behind (the fit itself goes on)."""
+
+    def __init__(self, source: Path, target: Path, epoch: int):
+        self.source, self.target, self.epoch = source, target, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            shutil.copy(self.source, self.target)
+
+
+def fit_saem(out: Path, ckpt_path=None, callbacks=()):
+    """12 SAEM iterations (6 exploration, 6 smoothing), a checkpoint every 2."""
+    pop = load_dataset("theophylline", dtype=torch.float64)
+    model = OneCmtOralModel().double()
+    est = SAEMEstimator(model, n_explore=6, n_smooth=6, n_anneal=3, seed=3)
+    method = {"checkpoint_every": 2}
+    fit_stochastic(
+        method, TRAINER, est, pop, None, 7, torch.float64, out, {}, ckpt_path, list(callbacks)
+    )
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), est
+
+
+def test_killed_saem_fit_resumes_on_the_same_trajectory(tmp_path):
+    mid = tmp_path / "mid.ckpt"
+    copy = CopyCheckpoint(tmp_path / "a" / "checkpoints" / "last.ckpt", mid, epoch=9)
+    straight, whole = fit_saem(tmp_path / "a", callbacks=[copy])
+    saved = torch.load(mid, weights_only=True)
+    assert saved["saem_state"]["iteration"] == 8  # written during the fit, while smoothing
+    resumed, est = fit_saem(tmp_path / "b", ckpt_path=mid)
+    assert [h["iteration"] for h in est.history] == list(range(12))
+    assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(est.state.eta, whole.state.eta, rtol=1e-10, atol=1e-12)
+    assert est.history[-1]["q"] == pytest.approx(whole.history[-1]["q"], rel=1e-10)
 
 
 VI = ("model=one_cmt_oral", "data=theophylline", "method=vi", "loglik_is=false",

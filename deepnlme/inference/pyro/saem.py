@@ -64,17 +64,19 @@ class SAEMState:
 
 
 @torch.no_grad()
-def mu_referenced(model: NLMEModel, pop: Population) -> dict[int, Tensor]:
+def mu_referenced(
+    model: NLMEModel, pop: Population, diagonal_only: bool = True
+) -> dict[int, Tensor]:
     """``{j: raw}``: η_j paired with a scalar raw fixed effect that enters every individual
     parameter exactly as η_j does — shifting raw by h and η_j by -h changes nothing (checked
-    at a random probe point), e.g. log tvcl for ``tvcl·exp(η_cl)``; only η of diagonal Ω
-    blocks are paired."""
+    at a random probe point), e.g. log tvcl for ``tvcl·exp(η_cl)``; with ``diagonal_only``
+    only η of diagonal Ω blocks are paired (SAEM's closed-form M-step)."""
     k = model.n_eta
     g = torch.Generator().manual_seed(1)
     eta = (0.3 * torch.randn(len(pop), k, generator=g, dtype=pop.obs_time.dtype)).to(pop.device)
     diagonal = []
     for block in model.random_effects():
-        diagonal += [isinstance(block.domain, DiagonalCovariance)] * block.k
+        diagonal += [isinstance(block.domain, DiagonalCovariance) or not diagonal_only] * block.k
     omega = {id(b.raw) for b in model.random_effects()}
     candidates = [
         p for p in model.parameters() if p.requires_grad and p.numel() == 1 and id(p) not in omega
@@ -108,7 +110,34 @@ def mu_referenced(model: NLMEModel, pop: Population) -> dict[int, Tensor]:
     return pairs
 
 
-class SAEMEstimator:
+class ImportanceReports:
+    """What the reports ask of an estimator without a posterior approximation of its own
+    (SAEM, MCEM, NUTS): importance-sampled log p(y_i) around each subject's mode, and the
+    modes. Needs ``model``, ``is_samples`` and ``seed``."""
+
+    model: NLMEModel
+    is_samples: int
+    seed: int
+
+    def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
+        """log p(y_i) ``(N,)`` by importance sampling around each subject's mode."""
+        loc, scale_tril = mode_proposal(self.model, pop)
+        return importance_loglik(
+            self.model, pop, loc, scale_tril, self.is_samples, seed=self.seed
+        ).subject_loglik
+
+    def modes(self, pop: Population, warm_start: bool = True) -> Tensor:
+        """Conditional modes η̂ ``(N, K)`` (MAP EBEs, as saemix reports)."""
+        start = pop.obs_time.new_zeros(len(pop), self.model.n_eta)
+        with torch.no_grad():
+            joint = NegLogJoint(self.model)
+            return find_modes(joint, start, pop, options=InnerOptions(gtol=1e-6)).eta
+
+    def reset(self) -> None:
+        """Nothing to forget."""
+
+
+class SAEMEstimator(ImportanceReports):
     """SAEM fit of ``model`` (one :meth:`iterate` per iteration; Lightning drives the loop).
 
     Args:
@@ -332,6 +361,40 @@ class SAEMEstimator:
         )
         self.history = []
 
+    #: SAEMState fields saved in checkpoints (with the random stream and the history).
+    _STATE_FIELDS = (
+        "eta", "scale_single", "scale_block", "samples", "sum1", "sum2", "count", "ssr",
+        "n_res", "iteration",
+    )
+
+    def state_dict(self) -> dict:
+        """The chains, Q_k's statistics, the iteration, the random stream and the history
+        (plain tensors, numbers and lists: loadable with ``weights_only``)."""
+        s = self.state
+        return {
+            **{name: getattr(s, name) for name in self._STATE_FIELDS},
+            "generator": self._generator.get_state(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (after :meth:`setup` on the same population): the
+        next iteration is the one an uninterrupted fit would have run."""
+        if self.state is None or state["eta"].shape != self.state.eta.shape:
+            raise ValueError(
+                "the checkpoint's SAEM chains do not match this fit (other data or n_chains)"
+            )
+        like = self.state.eta
+        for name in self._STATE_FIELDS:
+            value = state[name]
+            if isinstance(value, Tensor):
+                value = value.to(like.device)
+            elif isinstance(value, list):
+                value = [v.to(like.device) for v in value]
+            setattr(self.state, name, value)
+        self._generator.set_state(state["generator"])
+        self.history = list(state["history"])
+
     def chain_rows(self, pop: Population) -> Population:
         """``pop`` repeated once per chain (rows of :attr:`SAEMState.eta`)."""
         return repeat_subjects(pop, self.n_chains)
@@ -380,23 +443,6 @@ class SAEMEstimator:
         for _ in range(self.n_iterations):
             self.iterate(rows)
         return self.history
-
-    # ------------------------------------------------------------------- diagnostics
-    def subject_loglik(self, pop: Population, warm_start: bool = True) -> Tensor:
-        """log p(y_i) ``(N,)`` by importance sampling around each subject's mode."""
-        loc, scale_tril = mode_proposal(self.model, pop)
-        return importance_loglik(
-            self.model, pop, loc, scale_tril, self.is_samples, seed=self.seed
-        ).subject_loglik
-
-    def modes(self, pop: Population, warm_start: bool = True) -> Tensor:
-        """Conditional modes η̂ ``(N, K)`` (MAP EBEs, as saemix reports)."""
-        start = pop.obs_time.new_zeros(len(pop), self.model.n_eta)
-        with torch.no_grad():
-            return find_modes(self.joint, start, pop, options=InnerOptions(gtol=1e-6)).eta
-
-    def reset(self) -> None:
-        """Nothing to forget."""
 
 
 def save_convergence_plot(history: list[dict[str, float]], path, n_explore: int):
