@@ -301,12 +301,14 @@ def fit_stochastic(
     config.update(max_epochs=epochs, use_distributed_sampler=False, log_every_n_steps=50)
     trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    after_fit = getattr(estimator, "after_fit", None)  # e.g. VI's encoder phase
+    finished = after_fit(pop) if after_fit is not None else {}
     trainer.save_checkpoint(Path(output_dir) / "checkpoints" / "last.ckpt")
     if estimator.fit_style == "saem" and trainer.global_rank == 0:
         save_convergence_plot(
             estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
         )
-    return trainer, {**monitor.summary(), "fit_seconds": timer.seconds}
+    return trainer, {**monitor.summary(), "fit_seconds": timer.seconds, **finished}
 
 
 def _run_nuts(
