@@ -25,6 +25,9 @@ from deepnlme.inference.pyro.program import SubjectBatch
 
 #: Floor of the diagonal of L (keeps q proper whatever the raw parameters).
 MIN_SCALE = 1e-5
+#: Bound of the encoder's means in prior SDs (a soft one, MAX_LOC·tanh(raw / MAX_LOC)): keeps a
+#: fit's first steps from sending η where the model overflows.
+MAX_LOC = 6.0
 #: Precision of the encoder's arithmetic, whatever the dtype of its parameters and of the data:
 #: q(η) is an approximation and a proposal, float64 would add nothing to it but doubles the
 #: cost of the per-observation layer (the encoder's whole cost); loc and L come back in the
@@ -108,8 +111,9 @@ class AmortizedGuide(nn.Module):
     constants set from the *fitting* population with :meth:`fit_normalization`, saved as
     buffers). One
     layer per observation (its cost grows with N·T, so the depth sits in the head, which runs
-    once per subject), masked mean pooling over the observations (any number, padding masked
-    out), then the head reads the pooled features, the baseline covariates and
+    once per subject), masked mean pooling of its output and of the raw features over the
+    observations (any number, padding masked out), then the head reads the pooled
+    features, the baseline covariates and
     log(1 + number of observations). Output layer starts at zero: q starts at
     N(0, init_scale² I).
 
@@ -125,7 +129,7 @@ class AmortizedGuide(nn.Module):
         obs_hidden: width of the observation layer (cost ∝ N·T: the encoder's main cost).
     """
 
-    n_features = 5  # per observation (see :meth:`observation_features`)
+    n_features = 8  # per observation (see :meth:`observation_features`)
 
     def __init__(
         self,
@@ -141,7 +145,7 @@ class AmortizedGuide(nn.Module):
         self.obs_net = nn.Sequential(nn.Linear(self.n_features, self.obs_hidden), nn.SiLU())
         n_out = k + k * (k + 1) // 2
         self.head = nn.Sequential(
-            nn.Linear(self.obs_hidden + n_covariates + 1, hidden),
+            nn.Linear(self.obs_hidden + self.n_features + n_covariates + 1, hidden),
             nn.SiLU(),
             nn.Linear(hidden, hidden),
             nn.SiLU(),
@@ -180,22 +184,29 @@ class AmortizedGuide(nn.Module):
             self.cov_scale.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)))
 
     def observation_features(self, pop: Population) -> Tensor:
-        """Scaled features of every observation slot ``(B, T, 5)`` (padding included), in
-        :data:`ENCODER_DTYPE`: time after the last dose (or after time 0 before any dose) and
-        the log of it, asinh(DV) (log-like for
-        concentrations, finite at DV ≤ 0), log of the last dose amount, total amount dosed so
-        far. (Log DV per unit dose is a difference of two of them: the layer is linear.)"""
+        """Scaled features of every observation slot ``(B, T, 8)`` (padding included), in
+        :data:`ENCODER_DTYPE`: time after the last dose (or after time 0 before any dose) s,
+        log s, y = asinh(DV / (0.01 · typical DV)) (log DV down to 1% of the typical value,
+        finite at DV ≤ 0), log of the last dose amount, total amount dosed so far, and s·y,
+        s², y·log s: their means over a subject's observations are the sums of squares and
+        products of least-squares fits of log DV against time (e.g. the terminal slope), so
+        the head can read those from the pooled raw features."""
         dtype = ENCODER_DTYPE
         t_scale, dv_scale, amt_scale = self.scales.to(dtype)
         since, amount, total = (x.to(dtype) for x in dose_history(pop))
         since = since / t_scale
+        log_since = torch.log(since.clamp(min=0.0) + 0.01)
+        y = torch.asinh(pop.obs_dv.to(dtype) / (0.01 * dv_scale)) / 5.0
         return torch.stack(
             [
                 since,
-                torch.log(since.clamp(min=0.0) + 0.01),
-                torch.asinh(pop.obs_dv.to(dtype) / dv_scale),
+                log_since,
+                y,
                 torch.log(amount / amt_scale + 0.01),
                 total / amt_scale,
+                since * y,
+                since * since,
+                log_since * y,
             ],
             -1,
         )
@@ -208,19 +219,21 @@ class AmortizedGuide(nn.Module):
         n, t = mask.shape
         count = mask.sum(-1, keepdim=True).to(dtype)  # (N, 1)
         features = self.observation_features(pop)  # (N, T, F)
-        if pop.fully_observed:  # no padding: a plain mean over the slots
+        if pop.fully_observed:  # no padding: plain means over the slots
             hidden = _forward(self.obs_net, features.reshape(n * t, -1))
-            pooled = hidden.reshape(n, t, -1).mean(-2)
+            pooled = torch.cat([hidden.reshape(n, t, -1), features], -1).mean(-2)
         else:  # the real observations only, summed per subject
             subject = torch.arange(n, device=mask.device).unsqueeze(-1).expand_as(mask)[mask]
-            hidden = _forward(self.obs_net, features[mask])  # (M, H)
+            real = features[mask]  # (M, F)
+            hidden = torch.cat([_forward(self.obs_net, real), real], -1)
             total = hidden.new_zeros(n, hidden.shape[-1]).index_add(0, subject, hidden)
             pooled = total / count.clamp(min=1.0)
         cov = ((pop.covariates - self.cov_center) / self.cov_scale).to(dtype)
         out = _forward(self.head, torch.cat([pooled, cov, torch.log1p(count)], -1))
         out = out.to(pop.obs_time.dtype)
         k = self.k
-        return out[:, :k], _lower(out[:, k : 2 * k], out[:, 2 * k :], k)
+        loc = MAX_LOC * torch.tanh(out[:, :k] / MAX_LOC)
+        return loc, _lower(out[:, k : 2 * k], out[:, 2 * k :], k)
 
     def posterior(self, batch: SubjectBatch) -> tuple[Tensor, Tensor]:
         """``(loc (B, K), scale_tril (B, K, K))`` of the batch's subjects (from their data)."""

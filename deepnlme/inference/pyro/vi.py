@@ -38,7 +38,20 @@ from deepnlme.inference.pyro.program import (
 from deepnlme.model.base import NLMEModel
 
 GUIDES = ("subject", "amortized")
+ENCODER_TARGETS = ("laplace", "elbo")
 ELBOS = ("trace", "iwae")
+
+
+def gaussian_kl(loc_p: Tensor, tril_p: Tensor, loc_q: Tensor, tril_q: Tensor) -> Tensor:
+    """KL(N(loc_p, L_p L_pᵀ) ‖ N(loc_q, L_q L_qᵀ)) ``(B,)`` for means ``(B, K)`` and lower
+    Cholesky factors ``(B, K, K)``."""
+    a = torch.linalg.solve_triangular(tril_q, tril_p, upper=False)  # L_q⁻¹ L_p
+    d = torch.linalg.solve_triangular(tril_q, (loc_p - loc_q).unsqueeze(-1), upper=False)
+    log_det = torch.diagonal(tril_q, dim1=-2, dim2=-1).log() - torch.diagonal(
+        tril_p, dim1=-2, dim2=-1
+    ).log()
+    k = loc_p.shape[-1]
+    return 0.5 * ((a**2).sum((-2, -1)) + (d**2).sum((-2, -1)) - k) + log_det.sum(-1)
 
 
 class NonFiniteObjective(ArithmeticError):
@@ -64,6 +77,8 @@ class VariationalEstimator:
         encoder_batch: subjects per step of that phase (None: all).
         encoder_simulations: simulated copies of the fitted population's design added to its
             subjects for that phase (0: the fitted subjects only).
+        encoder_target: what that phase fits the encoder to, ``"laplace"`` or ``"elbo"``
+            (:meth:`fit_encoder`).
         name: method name in reports.
     """
 
@@ -84,6 +99,7 @@ class VariationalEstimator:
         encoder_lr: float = 0.003,
         encoder_batch: int | None = None,
         encoder_simulations: int = 0,
+        encoder_target: str = "laplace",
         name: str = "vi",
     ):
         if guide not in GUIDES:
@@ -109,6 +125,12 @@ class VariationalEstimator:
         self.encoder_lr = float(encoder_lr)
         self.encoder_batch = None if encoder_batch is None else int(encoder_batch)
         self.encoder_simulations = int(encoder_simulations)
+        if encoder_target not in ENCODER_TARGETS:
+            raise ValueError(
+                f"unknown encoder target {encoder_target!r}; method.estimator.encoder_target "
+                f"must be one of {ENCODER_TARGETS}"
+            )
+        self.encoder_target = encoder_target
         self.name = name
         self.guide: nn.Module | None = None
         self.program: NLMEProgram | None = None
@@ -161,7 +183,9 @@ class VariationalEstimator:
 
     def q(self, batch: SubjectBatch) -> tuple[Tensor, Tensor]:
         """q(η_i) of the batch's subjects, ``(loc (B, K), scale_tril (B, K, K))``. The encoder
-        speaks in prior SDs (z = L_Ω⁻¹ η): its output is mapped by the current L_Ω."""
+        speaks in prior SDs (z = L_Ω⁻¹ η): its output is mapped by the current L_Ω (the
+        gradient flows through L_Ω too: with L_Ω held constant there, fits of the deep
+        compartment model at lr 0.02 ended in a non-finite objective)."""
         loc, scale_tril = self.guide.posterior(batch)
         if isinstance(self.guide, AmortizedGuide):
             prior = eta_scale_tril(self.model)
@@ -246,20 +270,31 @@ class VariationalEstimator:
         batch_subjects: int | None,
         lr: float,
         lr_final: float = 0.02,
+        target: str = "laplace",
     ) -> list[float]:
         """Train the amortized encoder alone at the model's current (fitted) parameters.
 
         The joint fit moves θ, Ω, σ and the encoder together, so at its end the encoder lags
-        behind the final parameters (the amortization gap: q(η) further from the posterior
-        than the family allows). This phase holds the model fixed and maximizes the ELBO of
-        ``pop``'s subjects over the encoder only: ``steps`` Adam steps on seeded minibatches of
-        ``batch_subjects`` (None: all), the learning rate falling from ``lr`` to
-        ``lr * lr_final`` (cosine).
+        behind the final parameters (the amortization gap). This phase holds the model fixed
+        and trains the encoder only, ``steps`` Adam steps on seeded minibatches of ``pop``'s
+        subjects (``batch_subjects``; None: all), the learning rate falling from ``lr`` to
+        ``lr * lr_final`` (cosine), towards ``target``:
 
-        Returns -ELBO per subject of each step's minibatch.
+        * ``"laplace"``: each subject's Laplace approximation N(η̂_i, H_i⁻¹) (modes found once,
+          batched, before the steps): minimizes the mean KL(N(η̂_i, H_i⁻¹) ‖ q(η_i)), a
+          smooth objective without sampling noise whose steps need no model evaluation;
+        * ``"elbo"``: the ELBO (noisy; steep where the data pin η down, e.g. proportional
+          error with long elimination phases).
+
+        Returns the loss of each step (KL per subject, or -ELBO per subject).
         """
         if not isinstance(self.guide, AmortizedGuide):
             raise ValueError("fit_encoder needs method.guide=amortized")
+        if target not in ENCODER_TARGETS:
+            raise ValueError(
+                f"unknown encoder target {target!r}; method.estimator.encoder_target must be "
+                f"one of {ENCODER_TARGETS}"
+            )
         n = len(pop)
         batch_subjects = min(int(batch_subjects or n), n)
         total = max(int(steps), 1)
@@ -271,6 +306,7 @@ class VariationalEstimator:
         g = torch.Generator().manual_seed(self.seed * 7_919 + 2)
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         program, self.program = self.program, NLMEProgram(self.model, n)
+        laplace = mode_proposal(self.model, pop) if target == "laplace" else None
         losses: list[float] = []
         try:
             for p in frozen:
@@ -280,11 +316,19 @@ class VariationalEstimator:
                 for index in order.split(batch_subjects)[: int(steps) - len(losses)]:
                     self.step += 1
                     optimizer.zero_grad()
-                    loss = self.loss(SubjectBatch(index, pop.subset(index)))
+                    batch = SubjectBatch(index, pop.subset(index))
+                    if laplace is None:
+                        loss = self.loss(batch)
+                        value = float(loss.detach()) / n
+                    else:
+                        loc, scale_tril = self.q(batch)
+                        loss = gaussian_kl(laplace[0][index], laplace[1][index], loc, scale_tril)
+                        loss = loss.mean()
+                        value = float(loss.detach())
                     loss.backward()
                     optimizer.step()
                     schedule.step()
-                    losses.append(float(loss.detach()) / n)
+                    losses.append(value)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -302,7 +346,10 @@ class VariationalEstimator:
         pop = pop.to(param.device, dtype=param.dtype)
         start = time.perf_counter()
         data = self.encoder_population(pop, self.encoder_simulations)
-        self.fit_encoder(data, self.encoder_steps, self.encoder_batch, self.encoder_lr)
+        self.fit_encoder(
+            data, self.encoder_steps, self.encoder_batch, self.encoder_lr,
+            target=self.encoder_target,
+        )
         return {"encoder_seconds": time.perf_counter() - start}
 
     # ------------------------------------------------------------------- diagnostics
