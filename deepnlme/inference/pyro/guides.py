@@ -129,7 +129,7 @@ class AmortizedGuide(nn.Module):
         obs_hidden: width of the observation layer (cost ∝ N·T: the encoder's main cost).
     """
 
-    n_features = 8  # per observation (see :meth:`observation_features`)
+    n_features = 9  # per observation (see :meth:`observation_features`)
 
     def __init__(
         self,
@@ -183,7 +183,7 @@ class AmortizedGuide(nn.Module):
             self.cov_center.copy_(cov.mean(0))
             self.cov_scale.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)))
 
-    def observation_features(self, pop: Population) -> Tensor:
+    def observation_features(self, pop: Population, reference: Tensor | None = None) -> Tensor:
         """Scaled features of every observation slot ``(B, T, 8)`` (padding included), in
         :data:`ENCODER_DTYPE`: time after the last dose (or after time 0 before any dose) s,
         log s, y = asinh(DV / (0.01 · typical DV)) (log DV down to 1% of the typical value,
@@ -197,8 +197,13 @@ class AmortizedGuide(nn.Module):
         since = since / t_scale
         log_since = torch.log(since.clamp(min=0.0) + 0.01)
         y = torch.asinh(pop.obs_dv.to(dtype) / (0.01 * dv_scale)) / 5.0
+        if reference is None:
+            residual = torch.zeros_like(y)
+        else:
+            residual = y - torch.asinh(reference.detach().to(dtype) / (0.01 * dv_scale)) / 5.0
         return torch.stack(
             [
+                residual,
                 since,
                 log_since,
                 y,
@@ -211,14 +216,14 @@ class AmortizedGuide(nn.Module):
             -1,
         )
 
-    def encode(self, pop: Population) -> tuple[Tensor, Tensor]:
+    def encode(self, pop: Population, reference: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(loc (N, K), scale_tril (N, K, K))`` for every subject of ``pop`` (one forward
         pass, computed in :data:`ENCODER_DTYPE`, returned in the data's dtype)."""
         dtype = ENCODER_DTYPE
         mask = pop.obs_mask
         n, t = mask.shape
         count = mask.sum(-1, keepdim=True).to(dtype)  # (N, 1)
-        features = self.observation_features(pop)  # (N, T, F)
+        features = self.observation_features(pop, reference)  # (N, T, F)
         if pop.fully_observed:  # no padding: plain means over the slots
             hidden = _forward(self.obs_net, features.reshape(n * t, -1))
             pooled = torch.cat([hidden.reshape(n, t, -1), features], -1).mean(-2)
@@ -235,6 +240,9 @@ class AmortizedGuide(nn.Module):
         loc = MAX_LOC * torch.tanh(out[:, :k] / MAX_LOC)
         return loc, _lower(out[:, k : 2 * k], out[:, 2 * k :], k)
 
-    def posterior(self, batch: SubjectBatch) -> tuple[Tensor, Tensor]:
-        """``(loc (B, K), scale_tril (B, K, K))`` of the batch's subjects (from their data)."""
-        return self.encode(batch.pop)
+    def posterior(
+        self, batch: SubjectBatch, reference: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(loc (B, K), scale_tril (B, K, K))`` of the batch's subjects (from their data and
+        the population prediction ``reference`` ``(B, T)``, if given)."""
+        return self.encode(batch.pop, reference)

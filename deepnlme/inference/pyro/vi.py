@@ -26,6 +26,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from deepnlme.data.population import Population
+from deepnlme.diagnostics.predictions import prediction_of
 from deepnlme.inference.pyro.guides import AmortizedGuide, SubjectGuide
 from deepnlme.inference.pyro.importance import importance_loglik, mode_proposal
 from deepnlme.inference.pyro.program import (
@@ -182,15 +183,21 @@ class VariationalEstimator:
         return eps[:, batch.index.cpu()].to(batch.pop.device)
 
     def q(self, batch: SubjectBatch) -> tuple[Tensor, Tensor]:
-        """q(η_i) of the batch's subjects, ``(loc (B, K), scale_tril (B, K, K))``. The encoder
-        speaks in prior SDs (z = L_Ω⁻¹ η): its output is mapped by the current L_Ω (the
-        gradient flows through L_Ω too: with L_Ω held constant there, fits of the deep
-        compartment model at lr 0.02 ended in a non-finite objective)."""
-        loc, scale_tril = self.guide.posterior(batch)
-        if isinstance(self.guide, AmortizedGuide):
-            prior = eta_scale_tril(self.model)
-            loc, scale_tril = loc @ prior.T, prior @ scale_tril
-        return loc, scale_tril
+        """q(η_i) of the batch's subjects, ``(loc (B, K), scale_tril (B, K, K))``.
+
+        The encoder also reads the population prediction (the model at η = 0, no gradient) of
+        each observation, so that it sees the residuals of the typical subject; it speaks in
+        prior SDs (z = L_Ω⁻¹ η) and its output is mapped by the current L_Ω (the gradient
+        flows through L_Ω too: with L_Ω held constant there, fits of the deep compartment
+        model at lr 0.02 ended in a non-finite objective)."""
+        if not isinstance(self.guide, AmortizedGuide):
+            return self.guide.posterior(batch)
+        pop = batch.pop
+        with torch.no_grad():
+            typical = self.model.observe(pop.obs_time.new_zeros(len(pop), self.model.n_eta), pop)
+        loc, scale_tril = self.guide.posterior(batch, prediction_of(typical))
+        prior = eta_scale_tril(self.model)
+        return loc @ prior.T, prior @ scale_tril
 
     def pyro_guide(self, batch: SubjectBatch) -> Tensor:
         """The guide as a Pyro program: η_i = loc_i + L_i ε_i at site ``eta``."""
@@ -281,8 +288,10 @@ class VariationalEstimator:
         ``lr * lr_final`` (cosine), towards ``target``:
 
         * ``"laplace"``: each subject's Laplace approximation N(η̂_i, H_i⁻¹) (modes found once,
-          batched, before the steps): minimizes the mean KL(N(η̂_i, H_i⁻¹) ‖ q(η_i)), a
-          smooth objective without sampling noise whose steps need no model evaluation;
+          batched, before the steps): minimizes the mean KL(q(η_i) ‖ N(η̂_i, H_i⁻¹)) — the
+          ELBO's divergence with the posterior replaced by its Laplace approximation —, in
+          closed form: no sampling noise, no model evaluation of the likelihood per step
+          (the other direction stalls with q wide and its mean unlearned);
         * ``"elbo"``: the ELBO (noisy; steep where the data pin η down, e.g. proportional
           error with long elimination phases).
 
@@ -322,7 +331,7 @@ class VariationalEstimator:
                         value = float(loss.detach()) / n
                     else:
                         loc, scale_tril = self.q(batch)
-                        loss = gaussian_kl(laplace[0][index], laplace[1][index], loc, scale_tril)
+                        loss = gaussian_kl(loc, scale_tril, laplace[0][index], laplace[1][index])
                         loss = loss.mean()
                         value = float(loss.detach())
                     loss.backward()
