@@ -226,7 +226,7 @@ class AmortizedGuide(nn.Module):
         features = self.observation_features(pop, reference)  # (N, T, F)
         if pop.fully_observed:  # no padding: plain means over the slots
             hidden = _forward(self.obs_net, features.reshape(n * t, -1))
-            pooled = torch.cat([hidden.reshape(n, t, -1), features], -1).mean(-2)
+            pooled = torch.cat([hidden.reshape(n, t, -1).mean(-2), features.mean(-2)], -1)
         else:  # the real observations only, summed per subject
             subject = torch.arange(n, device=mask.device).unsqueeze(-1).expand_as(mask)[mask]
             real = features[mask]  # (M, F)

@@ -288,14 +288,14 @@ class VariationalEstimator:
         ``lr * lr_final`` (cosine), towards ``target``:
 
         * ``"laplace"``: each subject's Laplace approximation N(η̂_i, H_i⁻¹) (modes found once,
-          batched, before the steps): minimizes the mean KL(q(η_i) ‖ N(η̂_i, H_i⁻¹)) — the
-          ELBO's divergence with the posterior replaced by its Laplace approximation —, in
-          closed form: no sampling noise, no model evaluation of the likelihood per step
-          (the other direction stalls with q wide and its mean unlearned);
+          batched, before the steps): minimizes the mean symmetric KL between q(η_i) and it,
+          in closed form: no sampling noise, no likelihood evaluation per step. (KL(q ‖ ·)
+          alone lets a few subjects with very narrow posteriors dominate; KL(· ‖ q) alone
+          stalls with q wide and its mean unlearned.)
         * ``"elbo"``: the ELBO (noisy; steep where the data pin η down, e.g. proportional
           error with long elimination phases).
 
-        Returns the loss of each step (KL per subject, or -ELBO per subject).
+        Returns the loss of each step (symmetric KL per subject, or -ELBO per subject).
         """
         if not isinstance(self.guide, AmortizedGuide):
             raise ValueError("fit_encoder needs method.guide=amortized")
@@ -331,7 +331,10 @@ class VariationalEstimator:
                         value = float(loss.detach()) / n
                     else:
                         loc, scale_tril = self.q(batch)
-                        loss = gaussian_kl(loc, scale_tril, laplace[0][index], laplace[1][index])
+                        mode, mode_tril = laplace[0][index], laplace[1][index]
+                        loss = gaussian_kl(loc, scale_tril, mode, mode_tril) + gaussian_kl(
+                            mode, mode_tril, loc, scale_tril
+                        )
                         loss = loss.mean()
                         value = float(loss.detach())
                     loss.backward()
