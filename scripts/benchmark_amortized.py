@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--encoder-simulations", type=int, default=0,
                         help="simulated copies of the fitted design added to the encoder phase")
     parser.add_argument("--encoder-target", default="laplace", choices=["laplace", "elbo"])
+    parser.add_argument("--residual-input", action="store_true",
+                        help="the encoder also reads the population prediction")
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
     parser.add_argument("--model", default="deep_compartment", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=500)
@@ -178,7 +180,8 @@ def main() -> None:
     fit_pop, held = fit_pop.to(device), held.to(device)
     model = MODELS[args.model]().to(device)
     est = VariationalEstimator(
-        model, guide="amortized", hidden=args.hidden, obs_hidden=args.obs_hidden, seed=args.seed
+        model, guide="amortized", hidden=args.hidden, obs_hidden=args.obs_hidden,
+        residual_input=args.residual_input, seed=args.seed,
     )
     est.setup(fit_pop)
     if args.population_fit == "focei":
@@ -230,6 +233,7 @@ def main() -> None:
         "batch": args.batch,
         "hidden": args.hidden,
         "obs_hidden": args.obs_hidden,
+        "residual_input": args.residual_input,
         "steps_per_epoch": steps_per_epoch,
         "seconds_per_epoch": epoch_seconds,
         "encoder_epochs": args.encoder_epochs,

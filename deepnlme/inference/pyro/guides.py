@@ -28,6 +28,10 @@ MIN_SCALE = 1e-5
 #: Bound of the encoder's means in prior SDs (a soft one, MAX_LOC·tanh(raw / MAX_LOC)): keeps a
 #: fit's first steps from sending η where the model overflows.
 MAX_LOC = 6.0
+#: Soft upper bound of the raw diagonal of the encoder's L (softplus(3) ≈ 3 prior SDs): q is
+#: never wider than a few prior SDs, and an early wide q cannot draw η where the model
+#: overflows.
+MAX_SCALE_RAW = 3.0
 #: Precision of the encoder's arithmetic, whatever the dtype of its parameters and of the data:
 #: q(η) is an approximation and a proposal, float64 would add nothing to it but doubles the
 #: cost of the per-observation layer (the encoder's whole cost); loc and L come back in the
@@ -238,7 +242,8 @@ class AmortizedGuide(nn.Module):
         out = out.to(pop.obs_time.dtype)
         k = self.k
         loc = MAX_LOC * torch.tanh(out[:, :k] / MAX_LOC)
-        return loc, _lower(out[:, k : 2 * k], out[:, 2 * k :], k)
+        diag_raw = MAX_SCALE_RAW - nn.functional.softplus(MAX_SCALE_RAW - out[:, k : 2 * k])
+        return loc, _lower(diag_raw, out[:, 2 * k :], k)
 
     def posterior(
         self, batch: SubjectBatch, reference: Tensor | None = None
