@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--encoder-lr", type=float, default=0.003)
     parser.add_argument("--hidden", type=int, default=64, help="encoder head width")
-    parser.add_argument("--obs-hidden", type=int, default=32, help="encoder observation layer")
+    parser.add_argument("--obs-hidden", type=int, default=16, help="encoder observation layer")
     parser.add_argument("--n-new", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3, help="EBE timings: best of this many")
     parser.add_argument("--device", default="cpu")

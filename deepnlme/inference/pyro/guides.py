@@ -141,7 +141,7 @@ class AmortizedGuide(nn.Module):
         n_covariates: int,
         hidden: int = 64,
         init_scale: float = 0.1,
-        obs_hidden: int = 32,
+        obs_hidden: int = 16,
     ):
         super().__init__()
         self.k, self.n_covariates, self.hidden = int(k), int(n_covariates), int(hidden)

@@ -96,7 +96,7 @@ class VariationalEstimator:
         elbo: str = "trace",
         num_particles: int = 1,
         hidden: int = 64,
-        obs_hidden: int = 32,
+        obs_hidden: int = 16,
         init_scale: float = 0.1,
         seed: int = 0,
         is_samples: int = 500,
