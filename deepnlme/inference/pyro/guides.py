@@ -113,13 +113,12 @@ class AmortizedGuide(nn.Module):
 
     Each observation becomes a feature vector (:meth:`observation_features`, scaled by
     constants set from the *fitting* population with :meth:`fit_normalization`, saved as
-    buffers). One
-    layer per observation (its cost grows with N·T, so the depth sits in the head, which runs
-    once per subject), masked mean pooling of its output and of the raw features over the
-    observations (any number, padding masked out), then the head reads the pooled
-    features, the baseline covariates and
-    log(1 + number of observations). Output layer starts at zero: q starts at
-    N(0, init_scale² I).
+    buffers). One layer per observation (its cost grows with N·T, so the depth sits in the
+    head, which runs once per subject), masked means of its output and of the raw features
+    over each subject's observations (any number, padding masked out), then the head reads
+    them with the baseline covariates and log(1 + number of observations). Output layer
+    starts at zero: q starts at N(0, init_scale² I); its means are softly bounded at
+    :data:`MAX_LOC` and the diagonal of L at about 3.
 
     The output is in standardized units z = L_Ω⁻¹ η (prior SDs):
     :class:`~deepnlme.inference.pyro.vi.VariationalEstimator` maps it to η with the model's
@@ -188,13 +187,15 @@ class AmortizedGuide(nn.Module):
             self.cov_scale.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)))
 
     def observation_features(self, pop: Population, reference: Tensor | None = None) -> Tensor:
-        """Scaled features of every observation slot ``(B, T, 8)`` (padding included), in
-        :data:`ENCODER_DTYPE`: time after the last dose (or after time 0 before any dose) s,
-        log s, y = asinh(DV / (0.01 · typical DV)) (log DV down to 1% of the typical value,
-        finite at DV ≤ 0), log of the last dose amount, total amount dosed so far, and s·y,
-        s², y·log s: their means over a subject's observations are the sums of squares and
-        products of least-squares fits of log DV against time (e.g. the terminal slope), so
-        the head can read those from the pooled raw features."""
+        """Scaled features of every observation slot ``(B, T, 9)`` (padding included), in
+        :data:`ENCODER_DTYPE`: y - y_ref, the residual of the population prediction
+        ``reference`` ``(B, T)`` on the scale of y (0 without one); time after the last dose
+        (or after time 0 before any dose) s, log s, y = asinh(DV / (0.01 · typical DV)) (log DV
+        down to 1% of the typical value, finite at DV ≤ 0), log of the last dose amount,
+        total amount dosed so far, and s·y, s², y·log s: their means over a subject's
+        observations are the sums of squares and products of least-squares fits of log DV
+        against time (e.g. the terminal slope), which the head reads from the pooled raw
+        features."""
         dtype = ENCODER_DTYPE
         t_scale, dv_scale, amt_scale = self.scales.to(dtype)
         since, amount, total = (x.to(dtype) for x in dose_history(pop))
