@@ -328,12 +328,14 @@ def fit_stochastic(
                   enable_checkpointing=False)  # EveryEpochs writes the one checkpoint
     trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    after_fit = getattr(estimator, "after_fit", None)  # e.g. VI's encoder phase
+    finished = after_fit(pop) if after_fit is not None else {}
     trainer.save_checkpoint(last)
     if estimator.fit_style == "saem" and trainer.global_rank == 0:
         save_convergence_plot(
             estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
         )
-    return trainer, {**monitor.summary(), "fit_seconds": timer.seconds}
+    return trainer, {**monitor.summary(), "fit_seconds": timer.seconds, **finished}
 
 
 def _run_nuts(

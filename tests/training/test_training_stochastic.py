@@ -161,7 +161,9 @@ def test_bad_configurations_end_with_one_line(in_process, capsys, tmp_path):
 
 def test_vi_writes_elbo_and_predicts_new_subjects_with_the_encoder(tmp_path, in_process):
     results = in_process(tmp_path / "fit", *VI[:3], "method.guide=amortized", "method.epochs=40",
-                    "loglik_is_samples=200", "trainer.enable_progress_bar=false")
+                    "method.estimator.encoder_steps=50", "loglik_is_samples=200",
+                    "trainer.enable_progress_bar=false")
+    assert results["encoder_seconds"] > 0  # the encoder phase ran before the last checkpoint
     assert results["elbo"] <= results["loglik_is"] + 4 * results["loglik_is_se"]
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
     proc = run("predict.py", f"ckpt_path={ckpt}", "loglik_is=true", "seed=12345",

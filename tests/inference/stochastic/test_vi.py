@@ -9,9 +9,11 @@ so the ELBO and the IWAE bound equal the exact marginal log-likelihood whatever 
 import pytest
 import torch
 
+from deepnlme.data.population import Population
+from deepnlme.inference.pyro.guides import AmortizedGuide, dose_history
 from deepnlme.inference.pyro.importance import mode_proposal
 from deepnlme.inference.pyro.program import SubjectBatch, whole
-from deepnlme.inference.pyro.vi import NonFiniteObjective, VariationalEstimator
+from deepnlme.inference.pyro.vi import NonFiniteObjective, VariationalEstimator, gaussian_kl
 from deepnlme.model.zoo.pk import OneCmtOralModel
 from tests.inference.linear_model import RandomSlopeModel, exact_loglik, random_slope_population
 
@@ -74,3 +76,95 @@ def test_bad_settings_and_non_finite_objective():
         model.sigma.raw.fill_(float("nan"))
     with pytest.raises(NonFiniteObjective, match="not finite at step 0"):
         est.loss(whole(pop))
+
+
+def dosed_population() -> Population:
+    """Two subjects: three doses then observations (one before any dose), and one with fewer
+    observations (padding)."""
+    t = torch.tensor([[-1.0, 0.5, 3.0, 13.0], [2.0, 6.0, 0.0, 0.0]], dtype=torch.float64)
+    dv = torch.tensor([[0.0, 4.0, 2.0, 5.0], [3.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    dose_t = torch.tensor([[0.0, 2.0, 12.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    amt = torch.tensor([[100.0, 50.0, 25.0], [80.0, 0.0, 0.0]], dtype=torch.float64)
+    dose_mask = torch.tensor([[True, True, True], [True, False, False]])
+    zl = torch.zeros(2, 4, dtype=torch.long)
+    zd = torch.zeros(2, 3, dtype=torch.float64)
+    return Population(
+        ids=["a", "b"], covariate_names=["WT"], obs_time=t, obs_dv=dv, obs_cmt=zl,
+        obs_mask=mask, obs_epoch=zl.clone(), obs_row=zl.clone(), dose_time=dose_t,
+        dose_amt=amt, dose_rate=zd.clone(), dose_duration=zd.clone(), dose_cmt=zd.long(),
+        dose_ss=zd.long(), dose_ii=zd.clone(), dose_mask=dose_mask, dose_epoch=zd.long(),
+        covariates=torch.tensor([[70.0], [55.0]], dtype=torch.float64),
+        obs_covariates=torch.tensor([[[70.0]], [[55.0]]], dtype=torch.float64).expand(2, 4, 1),
+        subject_index=torch.arange(2),
+    )
+
+
+def test_dose_history_before_each_observation():
+    since, amount, total = dose_history(dosed_population())
+    mask = dosed_population().obs_mask
+    assert since[mask].tolist() == [-1.0, 0.5, 1.0, 1.0, 2.0, 6.0]  # before any dose: time
+    assert amount[mask].tolist() == [0.0, 100.0, 50.0, 25.0, 80.0, 80.0]
+    assert total[mask].tolist() == [0.0, 100.0, 150.0, 175.0, 80.0, 80.0]
+
+
+def test_encoder_ignores_padding_and_other_subjects():
+    """q(η) of a subject is the same alone and in a padded batch with a longer record."""
+    pop = dosed_population()
+    torch.manual_seed(0)
+    guide = AmortizedGuide(k=3, n_covariates=1, hidden=8).double()
+    guide.fit_normalization(pop)
+    torch.nn.init.normal_(guide.head[-1].weight)  # the output layer starts at zero
+    loc, scale_tril = guide.encode(pop)
+    alone_loc, alone_tril = guide.encode(pop.subset([1]))
+    assert pop.subset([1]).obs_mask.shape[1] == 2 and loc.dtype == torch.float64
+    assert torch.allclose(loc[1], alone_loc[0], atol=1e-6)
+    assert torch.allclose(scale_tril[1], alone_tril[0], atol=1e-6)
+    assert not torch.allclose(loc[0], loc[1], atol=1e-3)
+    assert bool((torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0).all())
+    assert torch.equal(scale_tril.triu(1), torch.zeros_like(scale_tril))
+
+
+@pytest.mark.parametrize("target", ["laplace", "elbo"])
+def test_encoder_phase_moves_only_the_encoder_towards_the_exact_posterior(target):
+    """At fixed parameters of the linear model (whose Laplace approximation is the exact
+    posterior) the ELBO gap to the exact marginal likelihood shrinks; θ, Ω, σ stay bit for
+    bit; simulated copies keep the design and the seed."""
+    pop = random_slope_population(n=30)
+    model = RandomSlopeModel()
+    est = VariationalEstimator(model, guide="amortized", hidden=16, seed=3)
+    est.setup(pop)
+    exact = exact_loglik(model, pop)
+    before = est.elbo_value(pop, particles=256)
+    fixed = [p.detach().clone() for p in model.parameters()]
+    data = est.encoder_population(pop, 5)
+    assert len(data) == 6 * len(pop)
+    assert torch.equal(data.obs_dv[: len(pop)], pop.obs_dv)
+    assert torch.equal(data.obs_time[len(pop) :], pop.obs_time.repeat(5, 1))
+    assert not torch.allclose(data.obs_dv[len(pop) : 2 * len(pop)], pop.obs_dv)
+    assert torch.equal(data.obs_dv, est.encoder_population(pop, 5).obs_dv)
+    losses = est.fit_encoder(data, steps=150, batch_subjects=60, lr=0.01, target=target)
+    after = est.elbo_value(pop, particles=256)
+    assert len(losses) == 150
+    assert exact - after < 0.25 * (exact - before)
+    assert after < exact
+    for p, q in zip(model.parameters(), fixed, strict=True):
+        assert torch.equal(p.detach(), q) and p.requires_grad
+
+
+def test_gaussian_kl_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    loc_p, loc_q = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    tril_p = torch.randn(4, 3, 3, generator=g).tril(-1) + torch.diag_embed(
+        torch.rand(4, 3, generator=g) + 0.5
+    )
+    tril_q = torch.randn(4, 3, 3, generator=g).tril(-1) + torch.diag_embed(
+        torch.rand(4, 3, generator=g) + 0.5
+    )
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(loc_p, scale_tril=tril_p),
+        torch.distributions.MultivariateNormal(loc_q, scale_tril=tril_q),
+    )
+    assert torch.allclose(gaussian_kl(loc_p, tril_p, loc_q, tril_q), expected, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown encoder target 'flow'"):
+        VariationalEstimator(RandomSlopeModel(), guide="amortized", encoder_target="flow")
