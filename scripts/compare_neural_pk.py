@@ -64,12 +64,11 @@ def run_one(
     est = LaplaceEstimator(model, hessian=hessian, interaction=interaction,
                            inner={"max_iter": 100, "gtol": 1e-6})
     start = time.perf_counter()
-    # L-BFGS restarted (fresh history) when it stops early, until max_iter iterations in all,
-    # convergence, or 12 starts: the neural ODE's line searches often end a run after a few
-    # iterations (trial points where modes jump), and a fresh start continues the descent.
+    # L-BFGS as in train.py (stops at max |gradient| < 5e-4, converged below 1e-3), restarted
+    # with a fresh history if it stops early without converging (up to 12 starts).
     n_iter = starts = 0
     while True:
-        result = fit(est, fit_pop, OuterOptions(max_iter=max_iter - n_iter, gtol=1e-3))
+        result = fit(est, fit_pop, OuterOptions(max_iter=max_iter - n_iter, gtol=5e-4))
         n_iter += max(result.n_iter, 1)
         starts += 1
         if result.converged or n_iter >= max_iter or starts >= 12:

@@ -56,12 +56,13 @@ def compose_train(*overrides: str, hydra: bool = False):
 
 
 def test_train_defaults_list():
-    defaults = OmegaConf.load(CONFIGS / "train.yaml").defaults
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml").defaults)
     choices = {k: v for d in defaults if not isinstance(d, str) for k, v in d.items()}
     assert choices == {
         "data": "synthetic_pk",
         "model": "neural_pk",
         "method": "focei",
+        "optional model_method": "${model}_${method}",
         "trainer": "default",
         "diagnostics": "default",
         "hydra": "default",
@@ -97,6 +98,10 @@ def test_main_job_is_the_default(hydra_configs):
     assert cfg.hydra.runtime.choices.model == "neural_pk"
     assert cfg.hydra.runtime.choices.data == "synthetic_pk"
     assert cfg.hydra.runtime.choices.method == "focei"
+    # the main job's own L-BFGS stop (configs/model_method/neural_pk_focei.yaml), below the
+    # convergence criterion; other model/method pairs keep the method's
+    assert cfg.method.gtol == 5e-4 < cfg.method.converged_gtol
+    assert compose_train("method=focei").method.gtol == 1e-6
 
 
 def test_run_dir_default_and_override(hydra_configs):

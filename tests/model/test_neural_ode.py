@@ -52,17 +52,42 @@ def eta_for(pop, seed=0):
                              dtype=torch.float64)
 
 
+@pytest.mark.parametrize("above", [False, True])
 @pytest.mark.parametrize("design", ["single", "repeated", "infusion"])
-def test_network_off_equals_the_closed_form(pops, design):
+def test_network_off_equals_the_closed_form(pops, design, above):
     pop = pops[design]
     plain = OneCmtOralModel(error="proportional", init=INIT).double()
     eta = eta_for(pop)
-    expected = plain.observe(eta, pop).prediction
+    plain_eta = eta.clone()
+    if above:  # ka = cl/v + tvka·exp(η_ka): the closed form at that ka
+        k10 = INIT["tvcl"] / INIT["tvv"] * (eta[:, 1] - eta[:, 2]).exp()
+        ka = INIT["tvka"] * eta[:, 0].exp() + k10
+        plain_eta[:, 0] = torch.log(ka / INIT["tvka"])
+    expected = plain.observe(plain_eta, pop).prediction
     # the exponential integrator is exact for a constant elimination rate, whatever the step
-    got = model(max_step=50.0).observe(eta, pop).prediction
+    got = model(max_step=50.0, absorption_above_elimination=above).observe(eta, pop).prediction
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    ode = model(solver="ode", rtol=1e-9, atol=1e-12).observe(eta, pop).prediction
-    torch.testing.assert_close(ode, expected, rtol=1e-6, atol=1e-9)
+    ode = model(solver="ode", rtol=1e-9, atol=1e-12, absorption_above_elimination=above)
+    torch.testing.assert_close(ode.observe(eta, pop).prediction, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_absorption_stays_above_the_elimination_rate_at_zero_concentration(pops):
+    pop = pops["single"]
+    m = model()
+    randomize(m)
+    eta = eta_for(pop, 2)
+    indiv = m.individual_parameters(eta, pop)
+    k0 = m.elimination_rate(torch.zeros(len(pop), dtype=torch.float64), indiv)
+    assert not torch.allclose(k0, indiv["cl"] / indiv["v"])  # the network moves k(0)
+    excess = INIT["tvka"] * (eta[:, 0] + _pre_shift(m, pop)).exp()
+    torch.testing.assert_close(indiv["ka"] - k0, excess)
+
+
+def _pre_shift(m: NeuralODEPKModel, pop) -> torch.Tensor:
+    """The covariate network's log-scale shift of ka ``(N,)``."""
+    x = m.covariate_matrix(pop.baseline_covariates(), pop.obs_time)
+    bound = m.max_log_deviation
+    return bound * torch.tanh(m.pre_net(m.scaler(x), x[:, :0])[:, 0] / bound)
 
 
 @pytest.mark.parametrize("design", ["single", "repeated"])
@@ -78,7 +103,9 @@ def test_exponential_integrator_converges_to_the_ode_solution(pops, design):
         m.load_state_dict(ref_model.state_dict())
         got = m.observe(eta, pop).prediction.detach()
         errors.append(float(((got - ref).abs() / ref).max()))
-    assert errors[0] < 3e-2  # the default step (6 h): well below the 10% residual error
+    # the default step (6 h): within 5% for this network (steeper fitted networks integrate
+    # less accurately at that step: experiments/neural_pk/README.md gives the figures)
+    assert errors[0] < 5e-2
     assert errors[2] < 1e-3 and errors[2] < errors[1] / 4  # converges as the steps shrink
 
 
@@ -125,3 +152,17 @@ def test_config_is_the_main_job_model():
     assert isinstance(m, NeuralODEPKModel)
     assert m.covariates == tuple(data.covariates) and m.eta_names == ["ka", "cl", "v"]
     assert m.dynamics.rhs.network.n_covariates == len(data.covariates)
+
+
+def test_a_subject_solution_does_not_depend_on_the_batch(pops):
+    # the mode search evaluates changing subsets of subjects: each subject's steps must come
+    # from its own event grid, not from the longest segment of the batch
+    single = pops["single"]
+    m = model()
+    randomize(m)
+    eta = eta_for(single, 3)
+    together = m.observe(eta, single).prediction.detach()
+    for i in range(len(single)):
+        alone = m.observe(eta[i : i + 1], single.subset([i])).prediction.detach()
+        width = alone.shape[1]
+        torch.testing.assert_close(alone, together[i : i + 1, :width], rtol=1e-12, atol=1e-15)

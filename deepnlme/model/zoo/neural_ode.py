@@ -5,7 +5,8 @@ Individual parameters (each ``(N,)``), with ``x`` the normalized covariates ``(N
 parameters)::
 
     (d_ka, d_cl, d_v) = B·tanh(NN_pre(x) / B)                 covariate network (optional)
-    ka = tvka · exp(d_ka + η_ka),  cl = tvcl · exp(d_cl + η_cl),  v = tvv · exp(d_v + η_v)
+    cl = tvcl · exp(d_cl + η_cl),  v = tvv · exp(d_v + η_v)
+    ka = k(0) + tvka · exp(d_ka + η_ka),    k(C) = cl / v · exp(g(C))   (elimination rate)
 
 Dynamics (oral doses into the depot, CMT 1; observations of the central compartment, CMT 2)::
 
@@ -16,9 +17,11 @@ Dynamics (oral doses into the depot, CMT 1; observations of the central compartm
 so the network modulates the clearance as a function of the concentration (saturable or
 induced elimination), of the covariates and — with ``eta_inputs`` — of η (latent
 individual effects, the DeepPumas "η as network inputs" pattern). The elimination flux stays
-positive and vanishes at C = 0 whatever the network does. Both networks' output layers start
-at zero, so the untrained model *is* the classical one-compartment oral model (log-normal η
-on ka, cl, v) with the same θ, Ω, σ, and the neural ODE's predictions equal the closed form.
+positive and vanishes at C = 0 whatever the network does. The absorption rate is the
+elimination rate at zero concentration plus a log-normal excess (``absorption_above_elimination``;
+no flip-flop). Both networks' output layers start at zero, so the untrained model *is* the
+classical one-compartment oral model (log-normal η on cl, v and on ka − cl/v) with the same θ,
+Ω, σ, and the neural ODE's predictions equal the closed form.
 Concentration ``C = central / v`` (floored at ``min_prediction``) with proportional (or
 additive/combined/lognormal) error. Network weights and biases carry the Gaussian prior
 ``−½ · weight_decay · Σ w²`` (:meth:`log_prior`). Call ``.double()`` for float64.
@@ -51,7 +54,7 @@ class OralEliminationDynamics(OdeDynamics):
     ``elimination_rate(C, indiv) -> k`` ``(N,)`` (1/h) gives its elimination rate. Dosing
     (boluses, infusions, lag, bioavailability, resets, steady state) is
     :class:`OdeDynamics`'; only the integration of each segment between events differs:
-    ``ceil(length / max_step)`` equal steps (the largest segment of the batch decides), each
+    ``ceil(length / max_step)`` equal steps (each subject's own segment decides), each
     exact for the depot and, with the rate frozen at the average of its values at the step's
     start and at a predicted end (exponential Heun), exact in closed form for the central
     compartment. So a constant rate (a linear model) is integrated exactly whatever the step,
@@ -87,8 +90,12 @@ class OralEliminationDynamics(OdeDynamics):
         ``rate`` ``(B, 2)`` (amount/h)."""
         if not self.exponential:
             return super()._integrate(x, start, length, rate, indiv)
-        n_steps = max(1, int(torch.ceil(length.detach().max() / self.max_step)))
-        h = length / n_steps
+        # Each row its own number of equal steps, from its own length alone: a subject's
+        # solution must not depend on which other subjects share the batch (the mode search
+        # evaluates changing subsets; a batch-wide count made l_i(η) differ between them).
+        steps = torch.ceil(length.detach() / self.max_step).clamp_min(1.0)  # (B,)
+        n_steps = int(steps.max())
+        h = length / steps
         ka, v = indiv["ka"], indiv["v"]
         kah = ka * h
         decay = torch.exp(-kah)
@@ -107,11 +114,15 @@ class OralEliminationDynamics(OdeDynamics):
             phi = -torch.expm1(-kh) / k  # ∫ e^{−k(h−s)} ds
             return a2 * decay_k + (ka * a1 - r1) * psi + (r1 + r2) * phi
 
-        for _ in range(n_steps):
+        for step in range(n_steps):
             k0 = self.elimination_rate(a2 / v, indiv)
             k1 = self.elimination_rate(central(k0) / v, indiv)
-            a2 = central(0.5 * (k0 + k1))
-            a1 = a1 * decay + depot_in
+            new_a2, new_a1 = central(0.5 * (k0 + k1)), a1 * decay + depot_in
+            if step == 0:  # every row takes at least one step
+                a2, a1 = new_a2, new_a1
+            else:  # rows whose own steps are done keep their state
+                moving = step < steps
+                a2, a1 = torch.where(moving, new_a2, a2), torch.where(moving, new_a1, a1)
         return torch.stack([a1, a2], dim=-1)
 
     def _integrate_grid(
@@ -151,7 +162,8 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
         activation: a smooth activation (see :data:`deepnlme.nn.mlp.ACTIVATIONS`).
         eta_inputs: feed η to the right-hand-side network as well (besides η on ka, cl, v).
         covariate_network: hidden widths of the covariate network for (ka, cl, v) (``[]``:
-            no covariate network; ``None`` likewise).
+            a log-linear covariate model, one linear layer; ``None``: no covariate effects
+            besides the right-hand-side network's).
         weight_decay: strength λ of the L2 prior ``−½ λ Σ w²`` on every network weight.
         max_log_deviation: bound B of the networks' log-scale outputs (``B·tanh(·/B)``).
         conc_scale: concentration scale of the network input ``C / conc_scale`` (mg/L).
@@ -166,6 +178,17 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
         omega: initial variances of η_ka, η_cl, η_v.
         tvka, tvcl, tvv: initial typical values (1/h, L/h, L).
         seed: seed of the networks' initialization.
+        absorption_above_elimination: ``ka = k(0) + tvka·exp(d_ka + η_ka)``, the absorption
+            rate in excess of the elimination rate at zero concentration ``k(0) = cl/v·
+            exp(g(0))`` (the fastest elimination of a saturable process), instead of
+            ``ka = tvka·exp(d_ka + η_ka)``. Rules out the flip-flop solutions (absorption
+            slower than elimination, the same curve with ka and k swapped and V rescaled):
+            they are a second local minimum of each subject's conditional density, behind a
+            barrier, in which warm-started mode searches got stuck, so that the objective
+            depended on the search's history and L-BFGS stalled.
+        output_bias: train the output-layer biases of both networks. False (default): they
+            stay at zero, as they only duplicate ``log tvka``, ``log tvcl``, ``log tvv`` (flat
+            directions held by the weight prior alone, which slow L-BFGS down).
     """
 
     def __init__(
@@ -191,6 +214,8 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
         tvcl: float = 5.0,
         tvv: float = 40.0,
         seed: int = 0,
+        absorption_above_elimination: bool = True,
+        output_bias: bool = False,
     ):
         super().__init__()
         if weight_decay < 0:
@@ -204,6 +229,7 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
         self.weight_decay = float(weight_decay)
         self.max_log_deviation = float(max_log_deviation)
         self.eta_inputs = bool(eta_inputs)
+        self.absorption_above_elimination = bool(absorption_above_elimination)
         self.min_prediction = float(min_prediction)
         self.tvka = positive(tvka)
         self.tvcl = positive(tvcl)
@@ -222,7 +248,7 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
         n_cov = len(self.covariates)
         self.pre_net = (
             CovariateEtaMLP(n_cov, 0, len(PK_PARAMETERS), covariate_network, activation, seed)
-            if covariate_network and n_cov
+            if covariate_network is not None and n_cov
             else None
         )
         network = StateNetwork(
@@ -237,6 +263,12 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
             l2=self.weight_decay,
             seed=seed + 1,
         )
+        if not output_bias:  # the typical values carry the intercepts: no redundant direction
+            outputs = [network.linears[-1]]
+            if self.pre_net is not None:
+                outputs.append(self.pre_net.layers[-1])
+            for layer in outputs:
+                layer.bias.requires_grad_(False)
         rhs = UniversalRhs(network, self._features, self._elimination, self._absorption)
         options = dict(solver_options or {})
         self.dynamics = OralEliminationDynamics(
@@ -297,13 +329,18 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
             out = self.pre_net(self.scaler(x), e[:, :0])
             dev = dev + bound * torch.tanh(out / bound)
         indiv = {
-            "ka": p.tvka * torch.exp(dev[:, 0]),
             "cl": p.tvcl * torch.exp(dev[:, 1]),
             "v": p.tvv * torch.exp(dev[:, 2]),
             "_x": x,
         }
         if self.eta_inputs:
             indiv["_eta"] = e
+        ka = p.tvka * torch.exp(dev[:, 0])
+        if self.absorption_above_elimination:
+            rhs = self.dynamics.rhs
+            indiv = rhs.prepare(indiv)  # the network's per-subject context, computed once
+            ka = ka + self.elimination_rate(torch.zeros_like(ka), indiv)
+        indiv["ka"] = ka
         return indiv
 
     def derived(self, p, indiv, amounts, cov):
