@@ -69,6 +69,14 @@ def _row_max_rms(x: Tensor) -> Tensor:
     return x.pow(2).flatten(1).mean(1).sqrt().max()
 
 
+def _copies(subject_index: Tensor) -> Tensor | None:
+    """Group index ``(N,)`` of rows that are copies of one subject (the same
+    ``subject_index``, e.g. the points of a difference quotient in η), None if all differ:
+    the adaptive solver gives each group one step sequence."""
+    groups, inverse = torch.unique(subject_index, return_inverse=True)
+    return None if groups.numel() == subject_index.numel() else inverse
+
+
 class LinearRhs(nn.Module):
     """``rhs(t, A, indiv) = K(indiv) A`` for a closed-form linear model's rate matrix."""
 
@@ -83,7 +91,7 @@ class LinearRhs(nn.Module):
     def forward(self, t: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
         """``t`` ``(N,)``, ``amounts`` ``(N, C)`` -> ``dA/dt`` ``(N, C)`` (amount/time)."""
         k = indiv["_rate_matrix"] if "_rate_matrix" in indiv else self.model.rate_matrix(indiv)
-        return torch.matmul(k, amounts.unsqueeze(-1)).squeeze(-1)
+        return (k * amounts.unsqueeze(-2)).sum(-1)
 
 
 class OdeDynamics(Dynamics):
@@ -301,8 +309,9 @@ class OdeDynamics(Dynamics):
         ``start``/``length`` ``(N, K)``, constant inputs ``rate`` ``(N, K, C)`` or None, ``keep``
         False where a segment starts a new epoch (state reset), ``jump`` ``(N, K, C)`` added at
         each segment's end. Subclasses with their own integrator override this one method."""
+        groups = getattr(self, "_step_groups", None)
         return _solvers.integrate(
-            self.rhs, indiv, x0, start, length, rate, self.solver, keep, jump
+            self.rhs, indiv, x0, start, length, rate, self.solver, keep, jump, groups
         )
 
     def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
@@ -378,9 +387,13 @@ class OdeDynamics(Dynamics):
 
         x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
         inputs_rate = seg_rate if doses.flags.infusion else None
-        states = self._integrate_grid(  # (N, K', C): one batched solve over every event grid
-            rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
-        )
+        self._step_groups = _copies(pop.subject_index)
+        try:  # (N, K', C): one batched solve over every event grid
+            states = self._integrate_grid(
+                rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
+            )
+        finally:
+            self._step_groups = None
 
         inverse = torch.empty_like(order).scatter_(
             1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)

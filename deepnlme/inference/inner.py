@@ -122,6 +122,23 @@ def _prior_sd(joint: NegLogJoint) -> Tensor | None:
     return model.eta_sd().detach() if model.n_eta else None
 
 
+def _bfgs_update(hess: Tensor, s: Tensor, y: Tensor) -> Tensor:
+    """BFGS update of per-subject Hessian approximations ``(n, K, K)`` with steps ``s`` and
+    gradient changes ``y`` ``(n, K)``; rows with too little curvature along ``s``
+    (``sᵀy <= 1e-10·|s||y|``, e.g. a step that crossed a non-convex region) are kept."""
+    hs = (hess @ s.unsqueeze(-1)).squeeze(-1)
+    sy = (s * y).sum(-1)
+    shs = (s * hs).sum(-1)
+    fine = (sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)) & (shs > 0)
+    sy = torch.where(fine, sy, 1.0)
+    shs = torch.where(fine, shs, 1.0)
+    update = (
+        y[:, :, None] * y[:, None, :] / sy[:, None, None]
+        - hs[:, :, None] * hs[:, None, :] / (shs[:, None, None])
+    )
+    return torch.where(fine[:, None, None], hess + update, hess)
+
+
 def chord_steps(
     joint: NegLogJoint,
     eta0: Tensor,
@@ -130,20 +147,23 @@ def chord_steps(
     variance0: Tensor | None,
     options: InnerOptions,
 ) -> tuple[Tensor, Tensor]:
-    """Approach the modes with a fixed curvature: η ← η - |H₀|⁻¹ ∇l(η) (chord method).
+    """Approach the modes by quasi-Newton steps η ← η - B⁻¹ ∇l(η) that start from a stored
+    curvature ``B = |H₀|`` and refine it by BFGS updates from the gradients seen.
 
     ``hessian0`` ``(N, K, K)`` is the Hessian at the modes of a nearby evaluation (the
     previous fixed effects, the same subjects), ``eta0`` those modes. Each step costs one
     gradient instead of a Hessian. A subject stops at ``gtol``, after ``chord_iter`` steps, or
-    as soon as a step does not lower its l or shrink its gradient 2-fold (its curvature has
-    changed too much); :func:`find_modes` goes on with Newton steps from there.
+    as soon as a step does not lower its l (its curvature has changed too much);
+    :func:`find_modes` goes on with Newton steps from there.
     Returns η ``(N, K)`` and ``done`` ``(N,)``: the subjects whose gradient is below ``gtol``.
     """
     eta = eta0.detach().clone()
     scale = _prior_sd(joint)
     done = torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
-    chol, info = torch.linalg.cholesky_ex(absolute_eigenvalues(hessian0.detach()))
+    curvature = absolute_eigenvalues(hessian0.detach())
+    chol, info = torch.linalg.cholesky_ex(curvature)
     active = (info == 0).nonzero().squeeze(-1)
+    curvature, chol = curvature[active], chol[active]
     sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
     _, f, g = joint.value_and_grad(eta[active], sub, sub_v0)
     for step_no in range(options.chord_iter + 1):
@@ -154,20 +174,27 @@ def chord_steps(
         if step_no == options.chord_iter or not bool(go_on.any()):
             break
         if not bool(go_on.all()):
-            active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
+            active, f, g = active[go_on], f[go_on], g[go_on]
+            curvature, chol = curvature[go_on], chol[go_on]
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-        step = -torch.cholesky_solve(g.unsqueeze(-1), chol[active]).squeeze(-1)
-        trial = eta[active] + _limit(step, scale, options.max_step)
+        step = _limit(
+            -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1), scale, options.max_step
+        )
+        trial = eta[active] + step
         _, f_new, g_new = joint.value_and_grad(trial, sub, sub_v0)
         noise = 1e-13 * (1.0 + f.abs())
         better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
         eta[active] = torch.where(better[:, None], trial, eta[active])
         done[active] = better & (g_new.abs().amax(-1) < options.gtol)
-        keep = better & (g_new.abs().amax(-1) <= 0.5 * gmax)
-        if not bool(keep.any()):
+        if not bool(better.any()):
             break
-        active, f, g = active[keep], f_new[keep], g_new[keep]
-        if not bool(keep.all()):
+        updated = _bfgs_update(curvature, step, g_new - g)
+        chol_new, info = torch.linalg.cholesky_ex(updated)
+        fine = (info == 0)[:, None, None]
+        curvature = torch.where(fine, updated, curvature)[better]
+        chol = torch.where(fine, chol_new, chol)[better]
+        active, f, g = active[better], f_new[better], g_new[better]
+        if not bool(better.all()):
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
     return eta, done
 
