@@ -1,19 +1,21 @@
 """Batched integration of every subject's event grid at once (private to :mod:`.ode`).
 
-Subject ``i``'s ``k``-th segment, from real time ``a_ik`` over ``L_ik >= 0``, is mapped onto
-the common pseudo-time interval ``[k, k + 1]``: with ``t = a_ik + s·L_ik`` the state obeys
-``dx/ds = L_ik · (rhs(t, x) + r_ik)`` (``r_ik`` the constant infusion input of the segment),
-so one integrator advances all subjects together, each on its own grid. Between segments the
-state jumps (boluses, steady-state states) or restarts from zero (resets); the state at the
-end of segment ``k`` is the state at the subject's ``k``-th event.
+Segment ``k`` of subject ``i`` runs from real time ``a_ik`` over ``L_ik >= 0`` between its
+events ``k-1`` and ``k``; between segments the state jumps (boluses, steady-state states) or
+restarts from zero (resets); the state at the end of segment ``k`` is the state at the
+subject's ``k``-th event.
 
-Solvers by name (:data:`SOLVERS`): fixed-step ``euler``, ``midpoint`` and ``rk4`` take, in
-segment ``k``, ``n_k = max(min_steps, ceil(max_i L_ik / max_step))`` equal steps (the same
-for all subjects, as pseudo-time is shared); adaptive ``dopri5`` (Dormand–Prince 5(4), error
-per subject as the RMS of ``err / (atol + rtol·|x|)``, the step accepted when the worst
-subject passes) steps through pseudo-time landing exactly on every integer. Any other
-torchdiffeq method name integrates one batched ``odeint`` call per pseudo-time unit, as does
-``adjoint=True`` (``odeint_adjoint``: memory independent of the number of steps).
+Solvers by name: adaptive ``dopri5`` (Dormand–Prince 5(4), the default; error per subject
+as the RMS of ``err / (atol + rtol·|x|)``) advances every subject with its own steps in its
+own time; it steps only to the ends of the smooth pieces of the grid (doses, infusion starts
+and ends, resets) and reads the states at the other events (observations) from the 4th-order
+dense output of the step that covers them (:func:`_dopri5_grid`). Fixed-step ``euler``,
+``midpoint`` and ``rk4`` map segment ``k`` onto the common pseudo-time interval
+``[k, k + 1]`` (``t = a_ik + s·L_ik``, ``dx/ds = L_ik · (rhs(t, x) + r_ik)``, ``r_ik`` the
+segment's constant infusion input) and take ``n_k = max(min_steps, ceil(max_i L_ik /
+max_step))`` equal steps in it (the same for all subjects). Any other torchdiffeq method
+name integrates one batched ``odeint`` call per pseudo-time unit, as does ``adjoint=True``
+(``odeint_adjoint``: memory independent of the number of steps).
 
 Step sizes are not differentiated (the discrete solution is differentiated as computed).
 """
@@ -194,14 +196,48 @@ class _AdjointField(nn.Module):
         return length[:, None] * (self.rhs(a + s * length, x, indiv) + rate)
 
 
+#: The error of ``adjoint=True`` when the backward pass fails (see
+#: :func:`_torchdiffeq_segment`).
+ADJOINT_DIVERGED = (
+    "OdeDynamics(adjoint=True): the state, integrated backwards in time for the adjoint "
+    "gradient, ran away (strongly damped dynamics, e.g. fast absorption over a long "
+    "interval, are unstable in reverse) and the step size underflowed; use adjoint=False"
+)
+
+
+class _AdjointGuard(torch.autograd.Function):
+    """Identity on a solve's result whose backward runs the solve's own backward (torchdiffeq's
+    adjoint pass) and reports its step-size underflow as :data:`ADJOINT_DIVERGED` (one line)
+    instead of torchdiffeq's bare assertion."""
+
+    @staticmethod
+    def forward(ctx, solve, n_args: int, *inputs: Tensor) -> Tensor:
+        """``solve(*inputs[:n_args])``; the other inputs are parameters ``solve`` uses
+        directly (an ``rhs`` module's), passed so that their gradients are routed here."""
+        with torch.enable_grad():
+            args = [v.detach().requires_grad_(v.requires_grad) for v in inputs[:n_args]]
+            out = solve(*args)
+        ctx.graph = (out, [*args, *inputs[n_args:]])
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        out, leaves = ctx.graph
+        wanted = [v for v in leaves if v.requires_grad]
+        try:
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        except AssertionError as err:
+            if "underflow in dt" in str(err):
+                raise RuntimeError(ADJOINT_DIVERGED) from None
+            raise
+        return None, None, *(next(grads) if v.requires_grad else None for v in leaves)
+
+
 def _adjoint_seminorm(state_norm: Callable[[Tensor], Tensor] | None):
     """Error norm of torchdiffeq's adjoint pass over its state ``(t, y, adj_y, *adj_params)``:
-    the forward norm of ``y`` and of ``adj_y`` only. torchdiffeq's own ``"seminorm"`` also
-    controls the error of the adjoint of the integration time, a sum over every subject of
-    the batch whose terms cancel: its relative error cannot be met by any step once the batch
-    is large (about 1,000 subjects), and the backward pass died with "underflow in dt". No
-    gradient with respect to the (fixed) pseudo-time grid is needed, so it is left out, as
-    are the parameter adjoints (integrals, not states)."""
+    the forward norm of ``y`` and of ``adj_y`` only (torchdiffeq's ``"seminorm"`` also
+    controls the adjoint of the integration time, a sum over every subject of the batch; no
+    gradient with respect to the fixed pseudo-time grid is needed)."""
 
     def rms(x: Tensor) -> Tensor:
         return x.pow(2).mean().sqrt()
@@ -216,7 +252,17 @@ def _adjoint_seminorm(state_norm: Callable[[Tensor], Tensor] | None):
 
 
 def _torchdiffeq_segment(rhs, indiv, x, a, length, rate, options: SolverOptions) -> Tensor:
-    """One pseudo-time unit by torchdiffeq (``odeint`` or ``odeint_adjoint``)."""
+    """One pseudo-time unit by torchdiffeq (``odeint`` or ``odeint_adjoint``).
+
+    ``odeint_adjoint`` recovers the state in its backward pass by integrating it backwards
+    in time. Where the dynamics are strongly damped (a depot emptied at rate ka over a
+    segment of length L keeps ~e^(-ka·L) of its dose, and the backward integration
+    multiplies the forward solution's error, ~atol, by e^(ka·L)), that recovered state runs
+    away (into the pole C = -km of Michaelis–Menten elimination, say) and torchdiffeq's
+    step size underflows. The larger the population, the likelier a subject with a large
+    ka·L: the benchmark's Michaelis–Menten model failed from about 1,000 subjects. A
+    underflow there is reported as :data:`ADJOINT_DIVERGED` (:class:`_AdjointGuard`).
+    """
     from torchdiffeq import odeint, odeint_adjoint
 
     if rate is None:
@@ -225,15 +271,29 @@ def _torchdiffeq_segment(rhs, indiv, x, a, length, rate, options: SolverOptions)
     kw = dict(rtol=options.rtol, atol=options.atol, options=dict(options.options or {}))
     if options.method in FIXED and "step_size" not in kw["options"]:
         kw["options"]["step_size"] = 1.0 / max(options.min_steps, 1)
-    field = _AdjointField(rhs, indiv, a, length, rate)
     if options.adjoint:
-        params = tuple(t for t in field.tensors if t.requires_grad)
-        if isinstance(rhs, nn.Module):
-            params += tuple(p for p in rhs.parameters() if p.requires_grad)
+        keys = [k for k, v in indiv.items() if isinstance(v, Tensor)]
+        tensors = [indiv[k] for k in keys] + [a, length, rate]
+        module_params = list(rhs.parameters()) if isinstance(rhs, nn.Module) else []
         kw["adjoint_options"] = {"norm": _adjoint_seminorm(kw["options"].get("norm"))}
-        return odeint_adjoint(field, x, grid, method=options.method, adjoint_params=params, **kw)[
-            -1
-        ]
+
+        def solve(x0: Tensor, *leaves: Tensor) -> Tensor:
+            ind = {**indiv, **dict(zip(keys, leaves[: len(keys)], strict=True))}
+            field = _AdjointField(rhs, ind, *leaves[len(keys) : len(keys) + 3])
+            params = tuple(t for t in field.tensors if t.requires_grad)
+            params += tuple(p for p in module_params if p.requires_grad)
+            out = odeint_adjoint(
+                field, x0, grid, method=options.method, adjoint_params=params, **kw
+            )
+            return out[-1]
+
+        inputs = [x, *tensors]
+        if not torch.is_grad_enabled() or not any(
+            v.requires_grad for v in [*inputs, *module_params]
+        ):
+            return solve(*inputs)
+        return _AdjointGuard.apply(solve, len(inputs), *inputs, *module_params)
+    field = _AdjointField(rhs, indiv, a, length, rate)
     return odeint(field, x, grid, method=options.method, **kw)[-1]
 
 
@@ -262,8 +322,8 @@ def integrate(
         jump: ``(N, K, C)`` added to the state at the end of each segment; default none.
         groups: ``(N,)`` group index (0, 1, ...) of each row for ``dopri5``: rows of a group
             (copies of one subject at nearby parameters, e.g. the points of a difference
-            quotient) take the same steps, so that differences between them are smooth.
-            Default: every row its own steps.
+            quotient) take the steps of its first row, so that differences between them are
+            smooth. Default: every row its own steps.
     """
     n_seg = start.shape[1]
     method = options.method
@@ -367,9 +427,10 @@ def _dopri5_grid(
     the smooth pieces (:func:`_pieces`: doses, infusion starts and ends, resets); the states
     at the other segment ends (observations) come from the 4th-order dense output of the step
     that covers them. All subjects advance together, one step each per iteration, until the
-    last one is done. Rows of one of ``groups`` share their step sizes (the largest error of
-    the group decides). Step sizes are not differentiated; the last step of a piece ends at
-    its end time (differentiable where event times are, e.g. lag times).
+    last one is done. Rows of one of ``groups`` take the steps of the group's first row (which
+    are those it takes alone: a value does not depend on the batch it is evaluated in). Step
+    sizes are not differentiated; the last step of a piece ends at its end time
+    (differentiable where event times are, e.g. lag times).
     """
     n, n_seg = start.shape
     n_cmt = x0.shape[-1]
@@ -387,14 +448,15 @@ def _dopri5_grid(
         index = torch.arange(n_seg, device=x0.device).expand(n, n_seg)
         end_pad = torch.cat([end_d, end_d.new_full((n, 1), torch.inf)], 1)
     rate_now = [None if rate is None else rate[:, 0]]
-    n_groups = int(groups.max()) + 1 if groups is not None and groups.numel() else 0
+    if groups is not None and groups.numel():  # each row follows its group's first row
+        first = torch.full((int(groups.max()) + 1,), n, dtype=torch.long, device=x0.device)
+        lead = first.scatter_reduce_(0, groups, rows, "amin")[groups]
+    else:
+        lead = None
 
-    def shared(v: Tensor, how: str) -> Tensor:
-        """``v`` ``(N,)`` replaced by its group's largest (``"amax"``) or smallest value."""
-        if groups is None:
-            return v
-        per_group = v.new_full((n_groups,), torch.inf if how == "amin" else -torch.inf)
-        return per_group.scatter_reduce_(0, groups, v, how)[groups]
+    def shared(v: Tensor) -> Tensor:
+        """``v`` ``(N,)`` with every row's value replaced by its group's first row's."""
+        return v if lead is None else v[lead]
 
     def g(t: Tensor, x: Tensor) -> Tensor:
         f = rhs(t, x, indiv)
@@ -412,7 +474,7 @@ def _dopri5_grid(
     k1 = g(t, x)
     with torch.no_grad():
         td, t_end_d = t.detach(), t_end.detach()
-        h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options), "amin")
+        h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
         wanted = next_end(nxt, piece_last)
     done = torch.zeros(n, dtype=torch.bool, device=x0.device)
     out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
@@ -434,7 +496,7 @@ def _dopri5_grid(
         with torch.no_grad():
             err = step_d[:, None] * (stages @ e_vec)
             scale = torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
-            ratio = shared((err / scale).pow_(2).mean(-1).sqrt_(), "amax")
+            ratio = shared((err / scale).pow_(2).mean(-1).sqrt_())
             ok = ratio <= 1.0  # False where not finite
             td_new = td + step_d
             outputs = ok & ((wanted <= td_new) | (last & (nxt < piece_last)))
@@ -499,7 +561,7 @@ def _dopri5_grid(
         with torch.no_grad():
             td, t_end_d = t.detach(), t_end.detach()
             h0 = _initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options)
-            h = shared(torch.where(moved, h0, h), "amin")
+            h = shared(torch.where(moved, h0, h))
             wanted = next_end(nxt, piece_last)
     else:
         raise RuntimeError(f"dopri5: more than {options.max_steps} steps")
