@@ -462,6 +462,19 @@ def _dopri5_grid(
         f = rhs(t, x, indiv)
         return f if rate_now[0] is None else f + rate_now[0]
 
+    def g_at(idx: Tensor):
+        """The field of the rows ``idx`` only (``t``, ``x`` of those rows)."""
+        sub = {
+            k: v[idx] if isinstance(v, Tensor) and v.dim() and len(v) == n else v
+            for k, v in indiv.items()
+        }
+
+        def g_sub(t: Tensor, x: Tensor) -> Tensor:
+            f = rhs(t, x, sub)
+            return f if rate_now[0] is None else f + rate_now[0][idx]
+
+        return g_sub
+
     def next_end(nxt: Tensor, piece_last: Tensor) -> Tensor:
         """End time ``(N,)`` of the next segment to output inside the piece (inf if none)."""
         return torch.where(nxt < piece_last, end_pad[rows, nxt], torch.inf)
@@ -492,9 +505,8 @@ def _dopri5_grid(
         x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
         t_new = t + step
         ks.append(g(t_new, x_new))
-        stages = torch.stack(ks, -1)  # (N, C, 7)
         with torch.no_grad():
-            err = step_d[:, None] * (stages @ e_vec)
+            err = step_d[:, None] * (torch.stack(ks, -1) @ e_vec)
             scale = torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
             ratio = shared((err / scale).pow_(2).mean(-1).sqrt_())
             ok = ratio <= 1.0  # False where not finite
@@ -518,21 +530,26 @@ def _dopri5_grid(
             dense_rows.append(r_i)
             dense_cols.append(c_i)
             dense_theta.append(theta)
-            coef = _dense_coefficients(x[r_i], x_new[r_i], stages[r_i], step[r_i], d_vec)
+            stages = torch.stack([k[r_i] for k in ks], -1)  # (M, C, 7)
+            coef = _dense_coefficients(x[r_i], x_new[r_i], stages, step[r_i], d_vec)
             dense_coef.append(coef)
-        accept = ok[:, None]
-        x = torch.where(accept, x_new, x)
-        k1 = torch.where(accept, ks[6], k1)
-        with torch.no_grad():
+        all_ok = bool(ok.all())
+        if all_ok:  # the common case: no selection needed
+            x, k1, td = x_new, ks[6], td_new
+            t = t_new if timed else td
+        else:
+            accept = ok[:, None]
+            x = torch.where(accept, x_new, x)
+            k1 = torch.where(accept, ks[6], k1)
             td = torch.where(ok, td_new, td)
-        t = torch.where(ok, t_new, t) if timed else td
+            t = torch.where(ok, t_new, t) if timed else td
         with torch.no_grad():  # per-subject step control
             factor = (0.9 * ratio.clamp(min=1e-10) ** -0.2).nan_to_num_(0.2).clamp_(0.2, 10.0)
             h = torch.where(ok & last & (factor >= 1.0), h, step_d * factor)
             if options.max_step is not None:
                 h = h.clamp(max=options.max_step)
             crossed = ok & last & ~done
-            if bool((~ok & (h < 1e-12 * (1.0 + td.abs()))).any()):
+            if not all_ok and bool((~ok & (h < 1e-12 * (1.0 + td.abs()))).any()):
                 raise RuntimeError("dopri5: non-finite state; step size underflow")
         if not bool(crossed.any()):
             continue
@@ -557,11 +574,16 @@ def _dopri5_grid(
         t_end = end[rows, piece_last] if timed else end_d[rows, piece_last]
         if rate is not None:
             rate_now[0] = torch.where(moved[:, None], rate[rows, first], rate_now[0])
-        k1 = torch.where(moved[:, None], g(t, x), k1)
+        # the new pieces' first derivatives and starting steps: the rows that moved only
+        idx = moved.nonzero().squeeze(-1)
+        g_moved = g_at(idx)
+        k1_moved = g_moved(t[idx], x[idx])
+        k1 = k1.index_put((idx,), k1_moved)
         with torch.no_grad():
             td, t_end_d = t.detach(), t_end.detach()
-            h0 = _initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options)
-            h = shared(torch.where(moved, h0, h))
+            left = t_end_d[idx] - td[idx]
+            h0 = _initial_step(g_moved, td[idx], x[idx].detach(), k1_moved.detach(), left, options)
+            h = shared(h.index_put((idx,), h0))
             wanted = next_end(nxt, piece_last)
     else:
         raise RuntimeError(f"dopri5: more than {options.max_steps} steps")

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from deepnlme.inference.optimize import (
     STOP_BOUNDARY,
     STOP_MAX_EPOCHS,
+    STOP_NOT_FINITE,
     check_start,
     is_converged,
     lbfgs_evaluations,
@@ -83,8 +84,9 @@ class ConvergenceMonitor(Callback):
             self.loss, self.grad_max, self.gtol, n_iter, self.max_iter, stopped_itself
         )
         model = pl_module.estimator.model
-        if not self.stop_reason and hasattr(model, "declared") and boundary_warnings(model):
-            self.stop_reason = STOP_BOUNDARY  # chasing it further changes nothing (not converged)
+        if self.stop_reason != STOP_NOT_FINITE and hasattr(model, "declared"):
+            if boundary_warnings(model):  # not converged, whatever else stopped the fit
+                self.stop_reason = STOP_BOUNDARY
         self.converged = is_converged(
             self.loss, self.grad_max, self.converged_gtol, self.stop_reason
         )
