@@ -68,6 +68,9 @@ class InnerResult:
     leaf: Tensor  # (N, K) η input of the evaluation above
     n_iter: int  # Newton iterations (Hessian evaluations) of the search
     converged: Tensor  # (N,) bool: gradient below gtol (or within 1000·gtol at the precision limit)
+    # (terms, ∂mean/∂η, ∂variance/∂η) at the modes, as NegLogJoint.gaussian_jacobians, when
+    # find_modes was asked for them and took them from its own evaluation (else None)
+    gaussian: tuple | None = None
 
 
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
@@ -246,7 +249,8 @@ def use_values(joint: NegLogJoint, options: InnerOptions, n: int, k: int) -> boo
     batches, and only where ``gtol`` is at least :data:`VALUE_GTOL` (their gradients are
     accurate to ~1e-9: a tighter tolerance needs reverse mode)."""
     return (
-        use_differences(joint, options)
+        k > 0
+        and use_differences(joint, options)
         and options.gtol >= VALUE_GTOL
         and n * (2 * k * k + 2 * k + 1) <= options.value_differences
     )
@@ -273,6 +277,7 @@ def value_derivatives(
     options: InnerOptions,
     hessian: bool = True,
     graph: bool = False,
+    jacobians: list | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(l, ∂l/∂η, ∂²l/∂η²)`` at η ``(N, K)``: ``(N,)``, ``(N, K)``, ``(N, K, K)`` (None
     without ``hessian``) from values of l alone, all points evaluated as one batch: central
@@ -282,7 +287,9 @@ def value_derivatives(
     differences are smooth. With ``graph`` the results are linear combinations of the values
     with their graphs to the model's parameters and to ``eta``: their derivatives need one
     first-order reverse pass, no derivative of a derivative. Error ~1e-9 (gradient) and
-    ~1e-8 of the largest entry (Hessian) in float64."""
+    ~1e-8 of the largest entry (Hessian) in float64. A list passed as ``jacobians`` receives
+    ``(terms, ∂mean/∂η, ∂variance/∂η)`` from the same points (Gaussian residuals; as
+    :meth:`NegLogJoint.gaussian_jacobians_by_differences` with step ``difference_step``)."""
     n, k = eta.shape
     step, step_h = options.difference_step, options.value_hessian_step
     shifts = _stencil(k, step, step_h, hessian, eta)
@@ -293,9 +300,12 @@ def value_derivatives(
     base = eta if graph else eta.detach()
     with torch.set_grad_enabled(graph):
         points = (base[None] + shifts[:, None, :]).reshape(-1, k)
-        values = joint(points, batch, v0).nll.reshape(n_points, n)
+        every = joint(points, batch, v0)
+        values = every.nll.reshape(n_points, n)
         f = values[0]
         grad = ((values[1 : k + 1] - values[k + 1 : 2 * k + 1]) / (2 * step)).T
+        if jacobians is not None and every.mean is not None:
+            jacobians.append(joint.jacobians_from_points(every, n, k, step))
         if not hessian:
             return f, grad, None
         plus, minus = values[2 * k + 1 : 3 * k + 1], values[3 * k + 1 : 4 * k + 1]
@@ -468,6 +478,7 @@ def find_modes(
     keep_graph: bool = False,
     hessian0: Tensor | None = None,
     hessian_graph: bool = True,
+    jacobians: bool = False,
 ) -> InnerResult:
     """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
 
@@ -478,7 +489,9 @@ def find_modes(
     parameters; one evaluation of l, ∂l/∂η and ∂²l/∂η² at the modes follows, whose results
     keep their graphs with ``keep_graph`` (the Laplace objective and its implicit gradient are
     built from them); ``hessian_graph=False`` detaches the Hessian nonetheless (FOCE-type
-    objectives only need its value).
+    objectives only need its value). With ``jacobians``, the result's ``gaussian`` holds the
+    Gaussian Jacobians at the modes where the final evaluation provides them (FOCE-type
+    objectives; None otherwise).
     """
     opts = options or InnerOptions()
     eta = eta0.detach()
@@ -497,8 +510,11 @@ def find_modes(
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
     leaf = eta.detach().requires_grad_(True)
     with torch.enable_grad():
+        gaussian = [] if jacobians else None
         if use_values(joint, opts, *eta.shape):
-            nll, grad, hess = value_derivatives(joint, leaf, pop, v_final, opts, graph=keep_graph)
+            nll, grad, hess = value_derivatives(
+                joint, leaf, pop, v_final, opts, graph=keep_graph, jacobians=gaussian
+            )
             if not hessian_graph:
                 hess = hess.detach()
         elif use_differences(joint, opts):
@@ -515,4 +531,5 @@ def find_modes(
         nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
     gmax = grad.detach().abs().amax(-1)
     converged = (gmax < opts.gtol) | (stalled & (gmax < opts.gtol * 1e3))
-    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged)
+    found = gaussian[0] if gaussian else None
+    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, found)
