@@ -108,7 +108,8 @@ class LaplaceEstimator:
         if exact:
             leaf, logdet = result.leaf, _cholesky_logdet(chol)
         else:
-            # Expected information at the modes: one more evaluation, with its own η leaf.
+            # Expected information at the modes: from the modes' own evaluation where it
+            # provides the Jacobians, else one more evaluation with its own η leaf.
             leaf = result.eta.detach().requires_grad_(True)
             if result.gaussian is not None:  # from the modes' own evaluation (same points)
                 leaf = result.leaf
