@@ -1,26 +1,27 @@
 """Batched integration of every subject's event grid at once (private to :mod:`.ode`).
 
-Subject ``i``'s ``k``-th segment, from real time ``a_ik`` over ``L_ik >= 0``, is mapped onto
-the common pseudo-time interval ``[k, k + 1]``: with ``t = a_ik + s·L_ik`` the state obeys
-``dx/ds = L_ik · (rhs(t, x) + r_ik)`` (``r_ik`` the constant infusion input of the segment),
-so one integrator advances all subjects together, each on its own grid. Between segments the
-state jumps (boluses, steady-state states) or restarts from zero (resets); the state at the
-end of segment ``k`` is the state at the subject's ``k``-th event.
+Segment ``k`` of subject ``i`` runs from real time ``a_ik`` over ``L_ik >= 0`` between its
+events ``k-1`` and ``k``; between segments the state jumps (boluses, steady-state states) or
+restarts from zero (resets); the state at the end of segment ``k`` is the state at the
+subject's ``k``-th event.
 
-Solvers by name (:data:`SOLVERS`): fixed-step ``euler``, ``midpoint`` and ``rk4`` take, in
-segment ``k``, ``n_k = max(min_steps, ceil(max_i L_ik / max_step))`` equal steps (the same
-for all subjects, as pseudo-time is shared); adaptive ``dopri5`` (Dormand–Prince 5(4), error
-per subject as the RMS of ``err / (atol + rtol·|x|)``, the step accepted when the worst
-subject passes) steps through pseudo-time landing exactly on every integer. Any other
-torchdiffeq method name integrates one batched ``odeint`` call per pseudo-time unit, as does
-``adjoint=True`` (``odeint_adjoint``: memory independent of the number of steps).
+Solvers by name: adaptive ``dopri5`` (Dormand–Prince 5(4), the default; error per subject
+as the RMS of ``err / (atol + rtol·|x|)``) advances every subject with its own steps in its
+own time; it steps only to the ends of the smooth pieces of the grid (doses, infusion starts
+and ends, resets) and reads the states at the other events (observations) from the 4th-order
+dense output of the step that covers them (:func:`_dopri5_grid`). Fixed-step ``euler``,
+``midpoint`` and ``rk4`` map segment ``k`` onto the common pseudo-time interval
+``[k, k + 1]`` (``t = a_ik + s·L_ik``, ``dx/ds = L_ik · (rhs(t, x) + r_ik)``, ``r_ik`` the
+segment's constant infusion input) and take ``n_k = max(min_steps, ceil(max_i L_ik /
+max_step))`` equal steps in it (the same for all subjects). Any other torchdiffeq method
+name integrates one batched ``odeint`` call per pseudo-time unit, as does ``adjoint=True``
+(``odeint_adjoint``: memory independent of the number of steps).
 
 Step sizes are not differentiated (the discrete solution is differentiated as computed).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -107,26 +108,59 @@ def _weighted(coeffs, ks) -> Tensor | None:
     return acc
 
 
-def _dopri5_step(g, x, time, s, h, hl, k1):
-    """One Dormand–Prince step of pseudo-time length ``h`` from ``s``; ``time(s)`` gives the
-    real times ``(N,)``, ``hl`` ``(N, 1)`` the step in time units. Returns
-    ``(x_new, g(x_new), error estimate)``."""
+# Dense output of Dormand–Prince (Hairer, Nørsett & Wanner, DOPRI5's CONTD5): the state at
+# θ ∈ [0, 1] of a step is x0 + θ(r2 + (1-θ)(r3 + θ(r4 + (1-θ) r5))), 4th order, from the
+# step's seven stages.
+_D = (
+    -12715105075.0 / 11282082432.0,
+    0.0,
+    87487479700.0 / 32700410799.0,
+    -10690763975.0 / 1880347072.0,
+    701980252875.0 / 199316789632.0,
+    -1453857185.0 / 822651844.0,
+    69997945.0 / 29380423.0,
+)
+
+
+def _dopri5_stages(g, x: Tensor, t: Tensor, step: Tensor, k1: Tensor) -> list[Tensor]:
+    """The seven stages ``[k1, ..., k7]`` of one Dormand–Prince step from ``x`` ``(N, C)`` at
+    real times ``t`` over ``step`` (both ``(N,)``, time units); ``k7 = g(x_new)`` and ``x_new``
+    is the last element + 1 (returned as ``ks[7]``)."""
+    hl = step[:, None]
     ks = [k1]
     for c, a in zip(_C[:5], _A[:5], strict=True):
-        ks.append(g(time(s + c * h), torch.addcmul(x, hl, _weighted(a, ks))))
+        ks.append(g(torch.add(t, step, alpha=c), torch.addcmul(x, hl, _weighted(a, ks))))
     x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
-    k7 = g(time(s + h), x_new)
-    ks.append(k7)
-    with torch.no_grad():
-        err = hl * _weighted(_E, [k.detach() for k in ks])
-    return x_new, k7, err
+    ks.append(g(t + step, x_new))
+    return [*ks, x_new]
 
 
-def _error_ratio(err: Tensor, x0: Tensor, x1: Tensor, rtol: float, atol: float) -> float:
-    """Largest per-subject RMS of the scaled error (subjects on the first axis)."""
-    scale = atol + rtol * torch.maximum(x0.detach().abs(), x1.detach().abs())
-    r = (err / scale).pow(2)
-    return float(r.flatten(1).mean(1).sqrt().max()) if r.dim() > 1 else float(r.mean().sqrt())
+def _dense_coefficients(x0: Tensor, x1: Tensor, stages: Tensor, step: Tensor, d: Tensor):
+    """``(M, 5, C)``: the coefficients ``[x0, r2, r3, r4, r5]`` of the dense output of steps
+    from ``x0`` to ``x1`` (``(M, C)``) with ``stages`` ``(M, C, 7)`` over ``step`` ``(M,)``;
+    ``d`` ``(7,)`` holds :data:`_D`."""
+    hl = step[:, None]
+    r2 = x1 - x0
+    r3 = torch.addcmul(-r2, hl, stages[..., 0])
+    r4 = torch.addcmul(r2 - r3, hl, stages[..., 6], value=-1.0)
+    return torch.stack([x0, r2, r3, r4, hl * (stages @ d)], 1)
+
+
+def _dense_states(coefficients: Tensor, theta: Tensor) -> Tensor:
+    """States ``(M, C)`` at the fractions ``theta`` ``(M,)`` of the steps whose dense-output
+    coefficients are ``coefficients`` ``(M, 5, C)``."""
+    x0, r2, r3, r4, r5 = coefficients.unbind(1)
+    th = theta[:, None]
+    rest = 1.0 - th
+    inner = torch.addcmul(r4, rest, r5)
+    inner = torch.addcmul(r3, th, inner)
+    inner = torch.addcmul(r2, rest, inner)
+    return torch.addcmul(x0, th, inner)
+
+
+def _scaled_rms(v: Tensor, x: Tensor, rtol: float, atol: float) -> Tensor:
+    """Per-row RMS ``(N,)`` of ``v / (atol + rtol·|x|)`` (``v``, ``x`` ``(N, C)``)."""
+    return (v / (atol + rtol * x.abs())).pow(2).mean(-1).sqrt()
 
 
 # --------------------------------------------------------------------------- driver
@@ -162,8 +196,73 @@ class _AdjointField(nn.Module):
         return length[:, None] * (self.rhs(a + s * length, x, indiv) + rate)
 
 
+#: The error of ``adjoint=True`` when the backward pass fails (see
+#: :func:`_torchdiffeq_segment`).
+ADJOINT_DIVERGED = (
+    "OdeDynamics(adjoint=True): the state, integrated backwards in time for the adjoint "
+    "gradient, ran away (strongly damped dynamics, e.g. fast absorption over a long "
+    "interval, are unstable in reverse) and the step size underflowed; use adjoint=False"
+)
+
+
+class _AdjointGuard(torch.autograd.Function):
+    """Identity on a solve's result whose backward runs the solve's own backward (torchdiffeq's
+    adjoint pass) and reports its step-size underflow as :data:`ADJOINT_DIVERGED` (one line)
+    instead of torchdiffeq's bare assertion."""
+
+    @staticmethod
+    def forward(ctx, solve, n_args: int, *inputs: Tensor) -> Tensor:
+        """``solve(*inputs[:n_args])``; the other inputs are parameters ``solve`` uses
+        directly (an ``rhs`` module's), passed so that their gradients are routed here."""
+        with torch.enable_grad():
+            args = [v.detach().requires_grad_(v.requires_grad) for v in inputs[:n_args]]
+            out = solve(*args)
+        ctx.graph = (out, [*args, *inputs[n_args:]])
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        out, leaves = ctx.graph
+        wanted = [v for v in leaves if v.requires_grad]
+        try:
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        except AssertionError as err:
+            if "underflow in dt" in str(err):
+                raise RuntimeError(ADJOINT_DIVERGED) from None
+            raise
+        return None, None, *(next(grads) if v.requires_grad else None for v in leaves)
+
+
+def _adjoint_seminorm(state_norm: Callable[[Tensor], Tensor] | None):
+    """Error norm of torchdiffeq's adjoint pass over its state ``(t, y, adj_y, *adj_params)``:
+    the forward norm of ``y`` and of ``adj_y`` only (torchdiffeq's ``"seminorm"`` also
+    controls the adjoint of the integration time, a sum over every subject of the batch; no
+    gradient with respect to the fixed pseudo-time grid is needed)."""
+
+    def rms(x: Tensor) -> Tensor:
+        return x.pow(2).mean().sqrt()
+
+    norm = state_norm or rms
+
+    def seminorm(tensors: tuple[Tensor, ...]) -> Tensor:
+        _, y, adj_y, *_ = tensors
+        return torch.maximum(norm(y), norm(adj_y))
+
+    return seminorm
+
+
 def _torchdiffeq_segment(rhs, indiv, x, a, length, rate, options: SolverOptions) -> Tensor:
-    """One pseudo-time unit by torchdiffeq (``odeint`` or ``odeint_adjoint``)."""
+    """One pseudo-time unit by torchdiffeq (``odeint`` or ``odeint_adjoint``).
+
+    ``odeint_adjoint`` recovers the state in its backward pass by integrating it backwards
+    in time. Where the dynamics are strongly damped (a depot emptied at rate ka over a
+    segment of length L keeps ~e^(-ka·L) of its dose, and the backward integration
+    multiplies the forward solution's error, ~atol, by e^(ka·L)), that recovered state runs
+    away (into the pole C = -km of Michaelis–Menten elimination, say) and torchdiffeq's
+    step size underflows. The larger the population, the likelier a subject with a large
+    ka·L: the benchmark's Michaelis–Menten model failed from about 1,000 subjects. A
+    underflow there is reported as :data:`ADJOINT_DIVERGED` (:class:`_AdjointGuard`).
+    """
     from torchdiffeq import odeint, odeint_adjoint
 
     if rate is None:
@@ -172,15 +271,29 @@ def _torchdiffeq_segment(rhs, indiv, x, a, length, rate, options: SolverOptions)
     kw = dict(rtol=options.rtol, atol=options.atol, options=dict(options.options or {}))
     if options.method in FIXED and "step_size" not in kw["options"]:
         kw["options"]["step_size"] = 1.0 / max(options.min_steps, 1)
-    field = _AdjointField(rhs, indiv, a, length, rate)
     if options.adjoint:
-        params = tuple(t for t in field.tensors if t.requires_grad)
-        if isinstance(rhs, nn.Module):
-            params += tuple(p for p in rhs.parameters() if p.requires_grad)
-        kw["adjoint_options"] = {"norm": "seminorm"}
-        return odeint_adjoint(field, x, grid, method=options.method, adjoint_params=params, **kw)[
-            -1
-        ]
+        keys = [k for k, v in indiv.items() if isinstance(v, Tensor)]
+        tensors = [indiv[k] for k in keys] + [a, length, rate]
+        module_params = list(rhs.parameters()) if isinstance(rhs, nn.Module) else []
+        kw["adjoint_options"] = {"norm": _adjoint_seminorm(kw["options"].get("norm"))}
+
+        def solve(x0: Tensor, *leaves: Tensor) -> Tensor:
+            ind = {**indiv, **dict(zip(keys, leaves[: len(keys)], strict=True))}
+            field = _AdjointField(rhs, ind, *leaves[len(keys) : len(keys) + 3])
+            params = tuple(t for t in field.tensors if t.requires_grad)
+            params += tuple(p for p in module_params if p.requires_grad)
+            out = odeint_adjoint(
+                field, x0, grid, method=options.method, adjoint_params=params, **kw
+            )
+            return out[-1]
+
+        inputs = [x, *tensors]
+        if not torch.is_grad_enabled() or not any(
+            v.requires_grad for v in [*inputs, *module_params]
+        ):
+            return solve(*inputs)
+        return _AdjointGuard.apply(solve, len(inputs), *inputs, *module_params)
+    field = _AdjointField(rhs, indiv, a, length, rate)
     return odeint(field, x, grid, method=options.method, **kw)[-1]
 
 
@@ -194,6 +307,7 @@ def integrate(
     options: SolverOptions,
     keep: Tensor | None = None,
     jump: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """States ``(N, K, C)`` at the end of each of the ``K`` segments, all subjects at once.
 
@@ -206,15 +320,20 @@ def integrate(
             None for none.
         keep: ``(N, K)`` bool, False where a segment starts from zero (a reset); default all.
         jump: ``(N, K, C)`` added to the state at the end of each segment; default none.
+        groups: ``(N,)`` group index (0, 1, ...) of each row for ``dopri5``: rows of a group
+            (copies of one subject at nearby parameters, e.g. the points of a difference
+            quotient) take the steps of its first row, so that differences between them are
+            smooth. Default: every row its own steps.
     """
     n_seg = start.shape[1]
-    needed = (length.detach() > 0).any(0).tolist() if length.numel() else [False] * n_seg
     method = options.method
-    own = not options.adjoint and (method in FIXED or method == "dopri5")
+    if method == "dopri5" and not options.adjoint:
+        return _dopri5_grid(rhs, indiv, x0, start, length, rate, options, keep, jump, groups)
+    needed = (length.detach() > 0).any(0).tolist() if length.numel() else [False] * n_seg
+    own = not options.adjoint and method in FIXED
     steps = fixed_steps(options, length) if method in FIXED and own else None
     x = x0
     states = []
-    h_adapt: float | None = None
     for k in range(n_seg):
         if keep is not None:
             x = torch.where(keep[:, k, None], x, 0.0)
@@ -223,11 +342,8 @@ def integrate(
             r = None if rate is None else rate[:, k]
             if not own:
                 x = _torchdiffeq_segment(rhs, indiv, x, a, ln, r, options)
-            elif steps is not None:
-                x = _fixed_segment(FIXED[method], _field(rhs, indiv, r), x, a, ln, steps[k])
             else:
-                g = _field(rhs, indiv, r)
-                x, h_adapt = _dopri5_segment(g, x, a, ln, options, h_adapt)
+                x = _fixed_segment(FIXED[method], _field(rhs, indiv, r), x, a, ln, steps[k])
         if jump is not None:
             x = x + jump[:, k]
         states.append(x)
@@ -247,49 +363,234 @@ def _fixed_segment(step, g, x: Tensor, a: Tensor, length: Tensor, n: int) -> Ten
     return x
 
 
-def _dopri5_segment(g, x, a, length, options: SolverOptions, h_time: float | None):
-    """Adaptive Dormand–Prince over one pseudo-time unit. ``h_time`` is the step (in time
-    units, for the longest segment) that the previous segment ended with, None at the start;
-    returns the state and the step to carry into the next segment."""
-    longest = float(length.detach().max())
-    h_max = 1.0
-    if options.max_step is not None and longest > 0:
-        h_max = min(1.0, options.max_step / longest)
+# --------------------------------------------------------------------------- adaptive
+def _pieces(start: Tensor, end: Tensor, rate: Tensor | None, keep, jump) -> Tensor:
+    """``(N, K)`` index of the last segment of the smooth piece that holds each segment.
 
-    def time(s: float) -> Tensor:
-        return torch.add(a, length, alpha=s)
+    A piece ends after segment ``k`` where the state or the field is discontinuous: a jump at
+    its end, a reset or a new input on segment ``k + 1``, or a gap in time (a new epoch);
+    everything else (observation times) lies inside a piece, read by dense output.
+    """
+    n, n_seg = start.shape
+    brk = torch.zeros(n, n_seg, dtype=torch.bool, device=start.device)
+    brk[:, -1] = True
+    if n_seg > 1:
+        brk[:, :-1] |= start[:, 1:] != end[:, :-1]
+        if keep is not None:
+            brk[:, :-1] |= ~keep[:, 1:]
+        if rate is not None:
+            brk[:, :-1] |= (rate[:, 1:] != rate[:, :-1]).any(-1)
+    if jump is not None:
+        brk |= (jump != 0).any(-1)
+    index = torch.arange(n_seg, device=start.device).expand(n, n_seg)
+    marks = torch.where(brk, index, n_seg)
+    return marks.flip(1).cummin(1).values.flip(1)
 
-    col = length[:, None]
-    k1 = g(a, x)
-    if h_time is None:  # Hairer's initial step from the scale of x and its derivative
-        with torch.no_grad():
-            scale = options.atol + options.rtol * x.detach().abs()
-            d0 = float((x.detach() / scale).pow(2).mean().sqrt())
-            d1 = float((col * k1.detach() / scale).pow(2).mean().sqrt())
-            h = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-3
+
+def _initial_step(g, t: Tensor, x: Tensor, f0: Tensor, left: Tensor, options) -> Tensor:
+    """Hairer's starting step ``(N,)`` per subject (time units), at most ``left``; the whole
+    of ``left`` where the field vanishes (no error to control)."""
+    rtol, atol = options.rtol, options.atol
+    d0 = _scaled_rms(x, x, rtol, atol)
+    d1 = _scaled_rms(f0, x, rtol, atol)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp(min=1e-300))
+    h0 = torch.minimum(h0, left.clamp(min=1e-300))
+    f1 = g(t + h0, torch.addcmul(x, h0[:, None], f0))
+    d2 = _scaled_rms(f1 - f0, x, rtol, atol) / h0
+    top = torch.maximum(d1, d2)
+    h1 = torch.where(
+        top <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / top.clamp(min=1e-300)) ** 0.2
+    )
+    h = torch.minimum(100.0 * h0, h1)
+    h = torch.where(top <= 1e-15, left, h)
+    if options.max_step is not None:
+        h = h.clamp(max=options.max_step)
+    return torch.where(torch.isfinite(h) & (h > 0), h, left).clamp(min=1e-12)
+
+
+def _dopri5_grid(
+    rhs: Rhs,
+    indiv: Mapping[str, Tensor],
+    x0: Tensor,
+    start: Tensor,
+    length: Tensor,
+    rate: Tensor | None,
+    options: SolverOptions,
+    keep: Tensor | None,
+    jump: Tensor | None,
+    groups: Tensor | None = None,
+) -> Tensor:
+    """:func:`integrate` by adaptive Dormand–Prince 5(4) with step control per subject.
+
+    Each subject steps through its own real time; a step is accepted for a subject when its
+    error (RMS of ``err / (atol + rtol·|x|)``) is at most 1. Steps stop only at the ends of
+    the smooth pieces (:func:`_pieces`: doses, infusion starts and ends, resets); the states
+    at the other segment ends (observations) come from the 4th-order dense output of the step
+    that covers them. All subjects advance together, one step each per iteration, until the
+    last one is done. Rows of one of ``groups`` take the steps of the group's first row (which
+    are those it takes alone: a value does not depend on the batch it is evaluated in). Step
+    sizes are not differentiated; the last step of a piece ends at its end time
+    (differentiable where event times are, e.g. lag times).
+    """
+    n, n_seg = start.shape
+    n_cmt = x0.shape[-1]
+    if n_seg == 0:
+        return x0.new_zeros(n, 0, n_cmt)
+    end = start + length
+    timed = end.requires_grad  # event times depend on parameters: differentiate the last steps
+    rows = torch.arange(n, device=x0.device)
+    e_vec = torch.tensor(_E, dtype=x0.dtype, device=x0.device)
+    d_vec = torch.tensor(_D, dtype=x0.dtype, device=x0.device)
+    rtol, atol = options.rtol, options.atol
+    with torch.no_grad():
+        end_d = end.detach()
+        last_of = _pieces(start.detach(), end_d, rate, keep, jump)
+        index = torch.arange(n_seg, device=x0.device).expand(n, n_seg)
+        end_pad = torch.cat([end_d, end_d.new_full((n, 1), torch.inf)], 1)
+    rate_now = [None if rate is None else rate[:, 0]]
+    if groups is not None and groups.numel():  # each row follows its group's first row
+        first = torch.full((int(groups.max()) + 1,), n, dtype=torch.long, device=x0.device)
+        lead = first.scatter_reduce_(0, groups, rows, "amin")[groups]
     else:
-        h = h_time / longest
-    h = min(max(h, 1e-6), h_max)
-    s = 0.0
-    n = 0
-    while s < 1.0:
-        last = s + h >= 1.0 - 1e-12
-        step = 1.0 - s if last else h
-        x_new, k_new, err = _dopri5_step(g, x, time, s, step, step * col, k1)
-        ratio = _error_ratio(err, x, x_new, options.rtol, options.atol)
-        n += 1
-        if n > options.max_steps:
-            raise RuntimeError(f"dopri5: more than {options.max_steps} steps in one segment")
-        if not math.isfinite(ratio):
-            h = 0.2 * step
-            if h < 1e-12:
-                raise RuntimeError("dopri5: non-finite state; step size underflow")
-            continue
-        factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** (-0.2)))
-        if ratio <= 1.0:
-            x, k1, s = x_new, k_new, (1.0 if last else s + step)
-            if not last or factor < 1.0:  # a short last step says little about the next
-                h = min(step * factor, h_max)
+        lead = None
+
+    def shared(v: Tensor) -> Tensor:
+        """``v`` ``(N,)`` with every row's value replaced by its group's first row's."""
+        return v if lead is None else v[lead]
+
+    def g(t: Tensor, x: Tensor) -> Tensor:
+        f = rhs(t, x, indiv)
+        return f if rate_now[0] is None else f + rate_now[0]
+
+    def g_at(idx: Tensor):
+        """The field of the rows ``idx`` only (``t``, ``x`` of those rows)."""
+        sub = {
+            k: v[idx] if isinstance(v, Tensor) and v.dim() and len(v) == n else v
+            for k, v in indiv.items()
+        }
+
+        def g_sub(t: Tensor, x: Tensor) -> Tensor:
+            f = rhs(t, x, sub)
+            return f if rate_now[0] is None else f + rate_now[0][idx]
+
+        return g_sub
+
+    def next_end(nxt: Tensor, piece_last: Tensor) -> Tensor:
+        """End time ``(N,)`` of the next segment to output inside the piece (inf if none)."""
+        return torch.where(nxt < piece_last, end_pad[rows, nxt], torch.inf)
+
+    nxt = torch.zeros(n, dtype=torch.long, device=x0.device)  # first segment not yet output
+    piece_last = last_of[:, 0]
+    x = x0 if keep is None else torch.where(keep[:, 0, None], x0, 0.0)
+    t = start[:, 0] if timed else start[:, 0].detach()
+    t_end = end[rows, piece_last] if timed else end_d[rows, piece_last]
+    k1 = g(t, x)
+    with torch.no_grad():
+        td, t_end_d = t.detach(), t_end.detach()
+        h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
+        wanted = next_end(nxt, piece_last)
+    done = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
+    dense_rows, dense_cols, dense_coef, dense_theta = [], [], [], []  # inside: dense output
+    for _ in range(options.max_steps):
+        with torch.no_grad():
+            left = t_end_d - td
+            last = h >= left * (1.0 - 1e-12)
+            step_d = torch.where(last, left, h)
+        step = torch.where(last, t_end - t, step_d) if timed else step_d
+        hl = step[:, None]
+        ks = [k1]
+        for c, a in zip(_C[:5], _A[:5], strict=True):
+            ks.append(g(torch.add(t, step, alpha=c), torch.addcmul(x, hl, _weighted(a, ks))))
+        x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
+        t_new = t + step
+        ks.append(g(t_new, x_new))
+        with torch.no_grad():
+            err = step_d[:, None] * (torch.stack(ks, -1) @ e_vec)
+            scale = torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
+            ratio = shared((err / scale).pow_(2).mean(-1).sqrt_())
+            ok = ratio <= 1.0  # False where not finite
+            td_new = td + step_d
+            outputs = ok & ((wanted <= td_new) | (last & (nxt < piece_last)))
+        if bool(outputs.any()):  # observations inside the step: dense output
+            with torch.no_grad():
+                inside = (
+                    outputs[:, None]
+                    & (index >= nxt[:, None])
+                    & (index < piece_last[:, None])
+                    & ((end_d <= td_new[:, None]) | last[:, None])
+                )
+                r_i, c_i = inside.nonzero(as_tuple=True)
+                s_i = step_d[r_i]
+                theta = ((end_d[r_i, c_i] - td[r_i]) / torch.where(s_i > 0, s_i, 1.0)).clamp_(0, 1)
+                nxt = nxt + inside.sum(1)
+                wanted = next_end(nxt, piece_last)
+            if timed:  # θ carries the derivative of the observation time
+                theta = (end[r_i, c_i] - t[r_i]) / torch.where(s_i > 0, step[r_i], 1.0)
+            dense_rows.append(r_i)
+            dense_cols.append(c_i)
+            dense_theta.append(theta)
+            stages = torch.stack([k[r_i] for k in ks], -1)  # (M, C, 7)
+            coef = _dense_coefficients(x[r_i], x_new[r_i], stages, step[r_i], d_vec)
+            dense_coef.append(coef)
+        all_ok = bool(ok.all())
+        if all_ok:  # the common case: no selection needed
+            x, k1, td = x_new, ks[6], td_new
+            t = t_new if timed else td
         else:
-            h = step * factor
-    return x, h * longest
+            accept = ok[:, None]
+            x = torch.where(accept, x_new, x)
+            k1 = torch.where(accept, ks[6], k1)
+            td = torch.where(ok, td_new, td)
+            t = torch.where(ok, t_new, t) if timed else td
+        with torch.no_grad():  # per-subject step control
+            factor = (0.9 * ratio.clamp(min=1e-10) ** -0.2).nan_to_num_(0.2).clamp_(0.2, 10.0)
+            h = torch.where(ok & last & (factor >= 1.0), h, step_d * factor)
+            if options.max_step is not None:
+                h = h.clamp(max=options.max_step)
+            crossed = ok & last & ~done
+            if not all_ok and bool((~ok & (h < 1e-12 * (1.0 + td.abs()))).any()):
+                raise RuntimeError("dopri5: non-finite state; step size underflow")
+        if not bool(crossed.any()):
+            continue
+        # the end of a piece: output (after its jump), then the next piece's start
+        cross_rows = crossed.nonzero().squeeze(-1)
+        if jump is not None:
+            x = x + torch.where(crossed[:, None], jump[rows, piece_last], 0.0)
+        out_rows.append(cross_rows)
+        out_cols.append(piece_last[cross_rows])
+        out_vals.append(x[cross_rows])
+        with torch.no_grad():
+            nxt = torch.where(crossed, piece_last + 1, nxt)
+            done = nxt >= n_seg
+            if bool(done.all()):
+                break
+            first = nxt.clamp(max=n_seg - 1)
+            moved = crossed & ~done
+            piece_last = torch.where(moved, last_of[rows, first], piece_last)
+        if keep is not None:
+            x = torch.where((moved & ~keep[rows, first])[:, None], 0.0, x)
+        t = torch.where(moved, start[rows, first] if timed else start[rows, first].detach(), t)
+        t_end = end[rows, piece_last] if timed else end_d[rows, piece_last]
+        if rate is not None:
+            rate_now[0] = torch.where(moved[:, None], rate[rows, first], rate_now[0])
+        # the new pieces' first derivatives and starting steps: the rows that moved only
+        idx = moved.nonzero().squeeze(-1)
+        g_moved = g_at(idx)
+        k1_moved = g_moved(t[idx], x[idx])
+        k1 = k1.index_put((idx,), k1_moved)
+        with torch.no_grad():
+            td, t_end_d = t.detach(), t_end.detach()
+            left = t_end_d[idx] - td[idx]
+            h0 = _initial_step(g_moved, td[idx], x[idx].detach(), k1_moved.detach(), left, options)
+            h = shared(h.index_put((idx,), h0))
+            wanted = next_end(nxt, piece_last)
+    else:
+        raise RuntimeError(f"dopri5: more than {options.max_steps} steps")
+    rows_all, cols_all, vals = out_rows, out_cols, out_vals
+    if dense_rows:
+        theta = torch.cat(dense_theta)
+        vals = [*vals, _dense_states(torch.cat(dense_coef), theta)]
+        rows_all, cols_all = [*rows_all, *dense_rows], [*cols_all, *dense_cols]
+    states = x0.new_zeros(n, n_seg, n_cmt)
+    return states.index_put((torch.cat(rows_all), torch.cat(cols_all)), torch.cat(vals))

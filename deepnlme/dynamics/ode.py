@@ -4,14 +4,15 @@
 with doses applied as in NONMEM (see :mod:`deepnlme.dynamics.dosing`):
 
 * every subject is integrated over its own sorted sequence of events (dose starts, infusion
-  ends, steady-state starts, observations). Segment ``k`` of every subject, between its
-  events ``k-1`` and ``k``, is mapped onto the common pseudo-time interval ``[k, k+1]``
-  (``t = a_k + s·(b_k - a_k)``, the right-hand side scaled by the segment's length), so one
-  integrator advances all subjects at once (:mod:`deepnlme.dynamics._solvers`; no loop over
-  subjects, no solver call per segment) and no dose discontinuity is smoothed over;
-* solvers by name: ``dopri5`` (adaptive, own batched implementation: the step is accepted
-  when the worst subject's error passes), fixed-step ``rk4`` / ``midpoint`` / ``euler``
-  (``ceil(length / max_step)`` steps per segment), any other torchdiffeq method, and
+  ends, steady-state starts, observations), all subjects at once by one integrator
+  (:mod:`deepnlme.dynamics._solvers`; no loop over subjects, no solver call per segment),
+  and no dose discontinuity is smoothed over;
+* solvers by name: ``dopri5`` (adaptive, the default: every subject with its own step
+  control in its own time, steps ending only at discontinuities — doses, infusion starts
+  and ends, resets — and observations read from the dense output of the step that covers
+  them), fixed-step ``rk4`` / ``midpoint`` / ``euler`` (segment ``k`` between events
+  ``k-1`` and ``k`` of every subject mapped onto the pseudo-time interval ``[k, k+1]``,
+  ``ceil(length / max_step)`` steps per segment), any other torchdiffeq method, and
   ``adjoint=True`` (torchdiffeq's ``odeint_adjoint`` per pseudo-time unit, for memory);
   the code is device- and dtype-agnostic (tensors are created on the inputs' device, dtype);
 * boluses are jumps added at their (lagged) time; infusions add a constant rate input on the
@@ -69,6 +70,14 @@ def _row_max_rms(x: Tensor) -> Tensor:
     return x.pow(2).flatten(1).mean(1).sqrt().max()
 
 
+def _copies(subject_index: Tensor) -> Tensor | None:
+    """Group index ``(N,)`` of rows that are copies of one subject (the same
+    ``subject_index``, e.g. the points of a difference quotient in η), None if all differ:
+    the adaptive solver gives each group one step sequence."""
+    groups, inverse = torch.unique(subject_index, return_inverse=True)
+    return None if groups.numel() == subject_index.numel() else inverse
+
+
 class LinearRhs(nn.Module):
     """``rhs(t, A, indiv) = K(indiv) A`` for a closed-form linear model's rate matrix."""
 
@@ -83,7 +92,7 @@ class LinearRhs(nn.Module):
     def forward(self, t: Tensor, amounts: Tensor, indiv: Mapping[str, Tensor]) -> Tensor:
         """``t`` ``(N,)``, ``amounts`` ``(N, C)`` -> ``dA/dt`` ``(N, C)`` (amount/time)."""
         k = indiv["_rate_matrix"] if "_rate_matrix" in indiv else self.model.rate_matrix(indiv)
-        return torch.matmul(k, amounts.unsqueeze(-1)).squeeze(-1)
+        return (k * amounts.unsqueeze(-2)).sum(-1)
 
 
 class OdeDynamics(Dynamics):
@@ -101,13 +110,16 @@ class OdeDynamics(Dynamics):
         required: individual parameters ``rhs`` needs.
         method: solver by name: ``"dopri5"`` (adaptive, the default), ``"rk4"``,
             ``"midpoint"``, ``"euler"`` (fixed step), or any other torchdiffeq method.
-        rtol, atol: error tolerances of the adaptive solvers (per-subject RMS norm; the worst
-            subject decides, so that no subject is under-resolved).
+        rtol, atol: error tolerances of the adaptive solvers (per-subject RMS norm; dopri5
+            controls each subject's steps, torchdiffeq's methods take the worst subject's).
         max_step: longest step in time units (fixed-step solvers: each segment of the event
             grid takes ``ceil(length / max_step)`` equal steps; adaptive: a cap).
         min_steps: fewest steps per segment for the fixed-step solvers (default 1).
         adjoint: integrate by torchdiffeq's ``odeint_adjoint`` (memory independent of the
-            number of steps, at about twice the time of a gradient).
+            number of steps, at about twice the time of a gradient). It recovers the state
+            by integrating backwards in time, which is unstable for strongly damped dynamics
+            (fast absorption over long intervals): then the gradient fails with a clear
+            error (:data:`deepnlme.dynamics._solvers.ADJOINT_DIVERGED`).
         options: torchdiffeq options for its methods; ``{"step_size": h}`` with a fixed-step
             solver means ``min_steps = ceil(1 / h)`` (h as a share of each segment).
         ss_rtol, ss_atol: steady-state tolerance on the Newton step (default 10× rtol / atol).
@@ -301,8 +313,9 @@ class OdeDynamics(Dynamics):
         ``start``/``length`` ``(N, K)``, constant inputs ``rate`` ``(N, K, C)`` or None, ``keep``
         False where a segment starts a new epoch (state reset), ``jump`` ``(N, K, C)`` added at
         each segment's end. Subclasses with their own integrator override this one method."""
+        groups = getattr(self, "_step_groups", None)
         return _solvers.integrate(
-            self.rhs, indiv, x0, start, length, rate, self.solver, keep, jump
+            self.rhs, indiv, x0, start, length, rate, self.solver, keep, jump, groups
         )
 
     def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
@@ -378,9 +391,13 @@ class OdeDynamics(Dynamics):
 
         x0 = jumps.new_zeros(jumps.shape[0], n_cmt)
         inputs_rate = seg_rate if doses.flags.infusion else None
-        states = self._integrate_grid(  # (N, K', C): one batched solve over every event grid
-            rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
-        )
+        self._step_groups = _copies(pop.subject_index)
+        try:  # (N, K', C): one batched solve over every event grid
+            states = self._integrate_grid(
+                rhs_indiv, x0, seg_start, length, inputs_rate, same, jumps
+            )
+        finally:
+            self._step_groups = None
 
         inverse = torch.empty_like(order).scatter_(
             1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)

@@ -41,6 +41,12 @@ class InnerOptions:
     # the objective's gradient) or "auto" (differences for dynamics that set
     # ``difference_hessians``, i.e. numerically integrated ones; autograd otherwise).
     difference_step: float = 1e-5  # step in η of the differences
+    value_differences: int = 4096  # with difference Hessians, batches of at most this many
+    # points (N·(2K²+2K+1)) take l, ∇l and ∇²l from differences of l alone (one evaluation,
+    # no reverse pass: cheaper while the batch is small enough for per-operation overhead to
+    # dominate); 0: never. See :func:`value_derivatives`.
+    value_hessian_step: float = 2e-4  # step in η of the second differences of l (truncation
+    # and rounding errors balance: ~1e-8 of the largest entry in float64)
     restart_sd: float | None = 4.0  # warm-started modes beyond this many prior SDs are
     # searched again from η = 0 and the lower l kept (None: never): a warm start left far out
     # by a wild trial point must not decide which local minimum a subject ends in.
@@ -62,6 +68,9 @@ class InnerResult:
     leaf: Tensor  # (N, K) η input of the evaluation above
     n_iter: int  # Newton iterations (Hessian evaluations) of the search
     converged: Tensor  # (N,) bool: gradient below gtol (or within 1000·gtol at the precision limit)
+    # (terms, ∂mean/∂η, ∂variance/∂η) at the modes, as NegLogJoint.gaussian_jacobians, when
+    # find_modes was asked for them and took them from its own evaluation (else None)
+    gaussian: tuple | None = None
 
 
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
@@ -122,6 +131,23 @@ def _prior_sd(joint: NegLogJoint) -> Tensor | None:
     return model.eta_sd().detach() if model.n_eta else None
 
 
+def _bfgs_update(hess: Tensor, s: Tensor, y: Tensor) -> Tensor:
+    """BFGS update of per-subject Hessian approximations ``(n, K, K)`` with steps ``s`` and
+    gradient changes ``y`` ``(n, K)``; rows with too little curvature along ``s``
+    (``sᵀy <= 1e-10·|s||y|``, e.g. a step that crossed a non-convex region) are kept."""
+    hs = (hess @ s.unsqueeze(-1)).squeeze(-1)
+    sy = (s * y).sum(-1)
+    shs = (s * hs).sum(-1)
+    fine = (sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)) & (shs > 0)
+    sy = torch.where(fine, sy, 1.0)
+    shs = torch.where(fine, shs, 1.0)
+    update = (
+        y[:, :, None] * y[:, None, :] / sy[:, None, None]
+        - hs[:, :, None] * hs[:, None, :] / (shs[:, None, None])
+    )
+    return torch.where(fine[:, None, None], hess + update, hess)
+
+
 def chord_steps(
     joint: NegLogJoint,
     eta0: Tensor,
@@ -130,22 +156,41 @@ def chord_steps(
     variance0: Tensor | None,
     options: InnerOptions,
 ) -> tuple[Tensor, Tensor]:
-    """Approach the modes with a fixed curvature: η ← η - |H₀|⁻¹ ∇l(η) (chord method).
+    """Approach the modes by quasi-Newton steps η ← η - B⁻¹ ∇l(η) that start from a stored
+    curvature ``B = |H₀|`` and refine it by BFGS updates from the gradients seen.
 
     ``hessian0`` ``(N, K, K)`` is the Hessian at the modes of a nearby evaluation (the
     previous fixed effects, the same subjects), ``eta0`` those modes. Each step costs one
-    gradient instead of a Hessian. A subject stops at ``gtol``, after ``chord_iter`` steps, or
-    as soon as a step does not lower its l or shrink its gradient 2-fold (its curvature has
-    changed too much); :func:`find_modes` goes on with Newton steps from there.
+    gradient instead of a Hessian. Where derivatives come from differences of values in one
+    small batch (:func:`use_values`), a Hessian costs no more than a gradient: then ``B`` is
+    the exact |H| at each point (Newton steps, kept only where l falls). A subject stops at
+    ``gtol``, after ``chord_iter`` steps, or as soon as a step does not lower its l (its
+    curvature has changed too much); :func:`find_modes` goes on with damped Newton steps.
     Returns η ``(N, K)`` and ``done`` ``(N,)``: the subjects whose gradient is below ``gtol``.
     """
     eta = eta0.detach().clone()
     scale = _prior_sd(joint)
     done = torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
-    chol, info = torch.linalg.cholesky_ex(absolute_eigenvalues(hessian0.detach()))
+    exact = use_values(joint, options, *eta.shape)  # Hessians cost no more than gradients
+
+    def evaluate(at: Tensor, sub: Population, sub_v0: Tensor | None):
+        if exact:
+            return value_derivatives(joint, at, sub, sub_v0, options)
+        return *search_value_and_grad(joint, at, sub, sub_v0, options), None
+
+    if exact:
+        f, g, hess = evaluate(eta, pop, variance0)
+        curvature = absolute_eigenvalues(hess)
+    else:
+        curvature = absolute_eigenvalues(hessian0.detach())
+    chol, info = torch.linalg.cholesky_ex(curvature)
     active = (info == 0).nonzero().squeeze(-1)
+    curvature, chol = curvature[active], chol[active]
     sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-    _, f, g = joint.value_and_grad(eta[active], sub, sub_v0)
+    if exact:
+        f, g = f[active], g[active]
+    else:
+        f, g, _ = evaluate(eta[active], sub, sub_v0)
     for step_no in range(options.chord_iter + 1):
         gmax = g.abs().amax(-1)
         small = gmax < options.gtol
@@ -154,20 +199,30 @@ def chord_steps(
         if step_no == options.chord_iter or not bool(go_on.any()):
             break
         if not bool(go_on.all()):
-            active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
+            active, f, g = active[go_on], f[go_on], g[go_on]
+            curvature, chol = curvature[go_on], chol[go_on]
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-        step = -torch.cholesky_solve(g.unsqueeze(-1), chol[active]).squeeze(-1)
-        trial = eta[active] + _limit(step, scale, options.max_step)
-        _, f_new, g_new = joint.value_and_grad(trial, sub, sub_v0)
+        step = _limit(
+            -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1), scale, options.max_step
+        )
+        trial = eta[active] + step
+        f_new, g_new, h_new = evaluate(trial, sub, sub_v0)
         noise = 1e-13 * (1.0 + f.abs())
         better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
         eta[active] = torch.where(better[:, None], trial, eta[active])
         done[active] = better & (g_new.abs().amax(-1) < options.gtol)
-        keep = better & (g_new.abs().amax(-1) <= 0.5 * gmax)
-        if not bool(keep.any()):
+        if not bool(better.any()):
             break
-        active, f, g = active[keep], f_new[keep], g_new[keep]
-        if not bool(keep.all()):
+        if exact:
+            updated = absolute_eigenvalues(h_new)
+        else:
+            updated = _bfgs_update(curvature, step, g_new - g)
+        chol_new, info = torch.linalg.cholesky_ex(updated)
+        fine = (info == 0)[:, None, None]
+        curvature = torch.where(fine, updated, curvature)[better]
+        chol = torch.where(fine, chol_new, chol)[better]
+        active, f, g = active[better], f_new[better], g_new[better]
+        if not bool(better.all()):
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
     return eta, done
 
@@ -182,6 +237,106 @@ def use_differences(joint: NegLogJoint, options: InnerOptions) -> bool:
         dynamics = getattr(joint.model, "dynamics", None)
         return bool(getattr(dynamics, "difference_hessians", False))
     return options.hessian == "differences"
+
+
+#: The tightest inner ``gtol`` served by gradients from differences of values.
+VALUE_GTOL = 1e-7
+
+
+def use_values(joint: NegLogJoint, options: InnerOptions, n: int, k: int) -> bool:
+    """Whether the derivatives of ``n`` subjects' l (``k`` η each) come from differences of
+    values (:func:`value_derivatives`; see ``InnerOptions.value_differences``): for small
+    batches, and only where ``gtol`` is at least :data:`VALUE_GTOL` (their gradients are
+    accurate to ~1e-9: a tighter tolerance needs reverse mode)."""
+    return (
+        k > 0
+        and use_differences(joint, options)
+        and options.gtol >= VALUE_GTOL
+        and n * (2 * k * k + 2 * k + 1) <= options.value_differences
+    )
+
+
+def _stencil(k: int, step: float, step_h: float, hessian: bool, like: Tensor) -> Tensor:
+    """Shifts ``(P, K)`` of :func:`value_derivatives`: 0; ±step·e_j; and with ``hessian``
+    ±step_h·e_j and (±step_h·e_j ± step_h·e_m) for j < m."""
+    eye = torch.eye(k, dtype=like.dtype, device=like.device)
+    parts = [like.new_zeros(1, k), step * eye, -step * eye]
+    if hessian:
+        parts += [step_h * eye, -step_h * eye]
+        j, m = torch.triu_indices(k, k, 1, device=like.device)
+        for sj, sm in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
+            parts.append(step_h * (sj * eye[j] + sm * eye[m]))
+    return torch.cat(parts)
+
+
+def value_derivatives(
+    joint: NegLogJoint,
+    eta: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    options: InnerOptions,
+    hessian: bool = True,
+    graph: bool = False,
+    jacobians: list | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(l, ∂l/∂η, ∂²l/∂η²)`` at η ``(N, K)``: ``(N,)``, ``(N, K)``, ``(N, K, K)`` (None
+    without ``hessian``) from values of l alone, all points evaluated as one batch: central
+    differences with step ``difference_step`` for the gradient, second differences with step
+    ``value_hessian_step`` for the Hessian (2K²+2K+1 points; K=3: 25). Rows of one subject
+    are copies of it, so an adaptive ODE solver gives them one step sequence and the
+    differences are smooth. With ``graph`` the results are linear combinations of the values
+    with their graphs to the model's parameters and to ``eta``: their derivatives need one
+    first-order reverse pass, no derivative of a derivative. Error ~1e-9 (gradient) and
+    ~1e-8 of the largest entry (Hessian) in float64. A list passed as ``jacobians`` receives
+    ``(terms, ∂mean/∂η, ∂variance/∂η)`` from the same points (Gaussian residuals; as
+    :meth:`NegLogJoint.gaussian_jacobians_by_differences` with step ``difference_step``)."""
+    n, k = eta.shape
+    step, step_h = options.difference_step, options.value_hessian_step
+    shifts = _stencil(k, step, step_h, hessian, eta)
+    n_points = shifts.shape[0]
+    index = torch.arange(n, device=eta.device).repeat(n_points)
+    batch = pop.subset(index)
+    v0 = None if variance0 is None else variance0[index][:, : batch.obs_time.shape[1]]
+    base = eta if graph else eta.detach()
+    with torch.set_grad_enabled(graph):
+        points = (base[None] + shifts[:, None, :]).reshape(-1, k)
+        every = joint(points, batch, v0)
+        values = every.nll.reshape(n_points, n)
+        f = values[0]
+        grad = ((values[1 : k + 1] - values[k + 1 : 2 * k + 1]) / (2 * step)).T
+        if jacobians is not None and every.mean is not None:
+            jacobians.append(joint.jacobians_from_points(every, n, k, step))
+        if not hessian:
+            return f, grad, None
+        plus, minus = values[2 * k + 1 : 3 * k + 1], values[3 * k + 1 : 4 * k + 1]
+        diag = (plus - 2.0 * f + minus) / step_h**2  # (K, N)
+        n_pairs = k * (k - 1) // 2
+        pp, pm, mp, mm = values[4 * k + 1 :].reshape(4, n_pairs, n)
+        off = (pp - pm - mp + mm) / (4.0 * step_h**2)  # (pairs, N)
+        j, m = torch.triu_indices(k, k, 1, device=eta.device)
+        rows = [[None] * k for _ in range(k)]
+        for a in range(k):
+            rows[a][a] = diag[a]
+        for q in range(n_pairs):
+            rows[j[q]][m[q]] = rows[m[q]][j[q]] = off[q]
+        hess = torch.stack([torch.stack(r, -1) for r in rows], -2)  # (N, K, K)
+    return f, grad, hess
+
+
+def search_value_and_grad(
+    joint: NegLogJoint,
+    eta: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    options: InnerOptions,
+) -> tuple[Tensor, Tensor]:
+    """l ``(N,)`` and ∂l/∂η ``(N, K)`` at η for the search (detached): by central
+    differences of values where :func:`use_values` says so, else by reverse mode."""
+    if use_values(joint, options, *eta.shape):
+        f, g, _ = value_derivatives(joint, eta, pop, variance0, options, hessian=False)
+        return f, g
+    _, f, g = joint.value_and_grad(eta, pop, variance0)
+    return f, g
 
 
 def difference_hessian(
@@ -249,7 +404,9 @@ def newton_steps(
     it = 0
     differences = use_differences(joint, options)
     while active.numel() and it < options.max_iter:
-        if differences:
+        if differences and use_values(joint, options, *eta[active].shape):
+            f, g, hess = value_derivatives(joint, eta[active], sub, sub_v0, options)
+        elif differences:
             f, g, hess = difference_hessian(
                 joint, eta[active], sub, sub_v0, options.difference_step
             )
@@ -321,6 +478,7 @@ def find_modes(
     keep_graph: bool = False,
     hessian0: Tensor | None = None,
     hessian_graph: bool = True,
+    jacobians: bool = False,
 ) -> InnerResult:
     """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
 
@@ -331,7 +489,9 @@ def find_modes(
     parameters; one evaluation of l, ∂l/∂η and ∂²l/∂η² at the modes follows, whose results
     keep their graphs with ``keep_graph`` (the Laplace objective and its implicit gradient are
     built from them); ``hessian_graph=False`` detaches the Hessian nonetheless (FOCE-type
-    objectives only need its value).
+    objectives only need its value). With ``jacobians``, the result's ``gaussian`` holds the
+    Gaussian Jacobians at the modes where the final evaluation provides them (FOCE-type
+    objectives; None otherwise).
     """
     opts = options or InnerOptions()
     eta = eta0.detach()
@@ -350,7 +510,14 @@ def find_modes(
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
     leaf = eta.detach().requires_grad_(True)
     with torch.enable_grad():
-        if use_differences(joint, opts):
+        gaussian = [] if jacobians else None
+        if use_values(joint, opts, *eta.shape):
+            nll, grad, hess = value_derivatives(
+                joint, leaf, pop, v_final, opts, graph=keep_graph, jacobians=gaussian
+            )
+            if not hessian_graph:
+                hess = hess.detach()
+        elif use_differences(joint, opts):
             nll, grad, hess = difference_hessian(
                 joint, leaf, pop, v_final, opts.difference_step, create_graph=keep_graph
             )
@@ -364,4 +531,5 @@ def find_modes(
         nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
     gmax = grad.detach().abs().amax(-1)
     converged = (gmax < opts.gtol) | (stalled & (gmax < opts.gtol * 1e3))
-    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged)
+    found = gaussian[0] if gaussian else None
+    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, found)

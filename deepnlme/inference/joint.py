@@ -113,10 +113,18 @@ class NegLogJoint:
         index = torch.arange(n, device=eta.device).repeat(2 * k + 1)
         batch = pop.subset(index)
         v0 = None if variance0 is None else variance0[index][:, : batch.obs_time.shape[1]]
-        every = self(points, batch, v0)
+        return self.jacobians_from_points(self(points, batch, v0), n, k, step)
+
+    def jacobians_from_points(
+        self, every: JointTerms, n: int, k: int, step: float
+    ) -> tuple[JointTerms, Tensor, Tensor]:
+        """:meth:`gaussian_jacobians_by_differences` from the terms ``every`` of a batch whose
+        first (2K+1)·N rows are η, η + step·e_j and η - step·e_j (j = 1..K) of N subjects
+        (more rows may follow)."""
         t = every.mean.shape[-1]
-        mean = every.mean.reshape(2 * k + 1, n, t)
-        var = every.variance.reshape(2 * k + 1, n, t)
+        rows = (2 * k + 1) * n
+        mean = every.mean[:rows].reshape(2 * k + 1, n, t)
+        var = every.variance[:rows].reshape(2 * k + 1, n, t)
 
         def slope(x: Tensor) -> Tensor:  # (2K+1, N, T) -> (N, T, K)
             return ((x[1 : k + 1] - x[k + 1 :]) / (2 * step)).permute(1, 2, 0)

@@ -93,16 +93,28 @@ class LaplaceEstimator:
         variance0 = None if self.interaction else self.joint.population_variance(pop)
         exact = self.hessian == "exact"
         result = find_modes(
-            self.joint, eta0, pop, variance0, self.inner, True, hessian0, hessian_graph=exact
+            self.joint,
+            eta0,
+            pop,
+            variance0,
+            self.inner,
+            True,
+            hessian0,
+            hessian_graph=exact,
+            jacobians=not exact,
         )
         self.last_inner = result
         chol = _pd_cholesky(result.hessian)
         if exact:
             leaf, logdet = result.leaf, _cholesky_logdet(chol)
         else:
-            # Expected information at the modes: one more evaluation, with its own η leaf.
+            # Expected information at the modes: from the modes' own evaluation where it
+            # provides the Jacobians, else one more evaluation with its own η leaf.
             leaf = result.eta.detach().requires_grad_(True)
-            if use_differences(self.joint, self.inner):
+            if result.gaussian is not None:  # from the modes' own evaluation (same points)
+                leaf = result.leaf
+                terms, d_mean, d_var = result.gaussian
+            elif use_differences(self.joint, self.inner):
                 terms, d_mean, d_var = self.joint.gaussian_jacobians_by_differences(
                     leaf, pop, variance0, self.inner.difference_step
                 )

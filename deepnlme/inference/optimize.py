@@ -28,6 +28,7 @@ STOP_NO_PROGRESS = "no progress"
 STOP_MAX_ITER = "max_iter reached"
 STOP_MAX_EPOCHS = "max_epochs reached"
 STOP_NOT_FINITE = "non-finite loss"
+STOP_BOUNDARY = "a parameter ran off to a boundary"  # not converged: the data do not determine it
 #: Stops that end a fit at a point where the convergence criterion may hold.
 OWN_STOPS = (STOP_GRADIENT, STOP_NO_PROGRESS)
 

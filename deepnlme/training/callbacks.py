@@ -10,7 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from deepnlme.inference.optimize import (
+    STOP_BOUNDARY,
     STOP_MAX_EPOCHS,
+    STOP_NOT_FINITE,
     check_start,
     is_converged,
     lbfgs_evaluations,
@@ -18,6 +20,7 @@ from deepnlme.inference.optimize import (
     objective_and_gradient,
     stop_reason,
 )
+from deepnlme.inference.uncertainty import boundary_warnings
 from deepnlme.model.params import RandomEffects
 
 
@@ -30,11 +33,12 @@ class ConvergenceMonitor(Callback):
     the cause) ends the run. Stops when the loss is not finite, when max |gradient| < ``gtol``,
     after ``max_iter`` iterations in all, or when L-BFGS stopped on its own within the step
     (fewer iterations and evaluations than the step allows: its tolerance on the change of loss
-    or parameters fired; "no progress"). So a fit split into epochs ends where one long L-BFGS
-    run would. Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``, ``stop_reason`` and
-    ``converged`` (:func:`~deepnlme.inference.optimize.is_converged`: a finite objective,
-    max |gradient| < ``converged_gtol``, and a stop of the optimizer's own; never after
-    ``max_iter`` or ``max_epochs``); its state is saved in checkpoints.
+    or parameters fired; "no progress"), or when a parameter has run off to a boundary of its
+    domain (not converged: the data do not determine it). So a fit split into epochs ends
+    where one long L-BFGS run would. Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``,
+    ``stop_reason`` and ``converged`` (:func:`~deepnlme.inference.optimize.is_converged`: a
+    finite objective, max |gradient| < ``converged_gtol``, and a stop of the optimizer's own;
+    never after ``max_iter`` or ``max_epochs``); its state is saved in checkpoints.
     """
 
     def __init__(self, gtol: float, converged_gtol: float, max_iter: int) -> None:
@@ -79,6 +83,10 @@ class ConvergenceMonitor(Callback):
         self.stop_reason = stop_reason(
             self.loss, self.grad_max, self.gtol, n_iter, self.max_iter, stopped_itself
         )
+        model = pl_module.estimator.model
+        if self.stop_reason != STOP_NOT_FINITE and hasattr(model, "declared"):
+            if boundary_warnings(model):  # not converged, whatever else stopped the fit
+                self.stop_reason = STOP_BOUNDARY
         self.converged = is_converged(
             self.loss, self.grad_max, self.converged_gtol, self.stop_reason
         )
