@@ -28,7 +28,8 @@ STOP_NO_PROGRESS = "no progress"
 STOP_MAX_ITER = "max_iter reached"
 STOP_MAX_EPOCHS = "max_epochs reached"
 STOP_NOT_FINITE = "non-finite loss"
-STOP_BOUNDARY = "a parameter ran off to a boundary"  # not converged: the data do not determine it
+#: Not converged: the data do not determine the parameter.
+STOP_BOUNDARY = "a parameter at a boundary of its domain"
 #: Stops that end a fit at a point where the convergence criterion may hold.
 OWN_STOPS = (STOP_GRADIENT, STOP_NO_PROGRESS)
 
