@@ -62,9 +62,10 @@ def run_one(
     model = build(name, seed).double()
     hessian, interaction = {"focei": ("expected", True), "laplace": ("exact", True)}[method]
     est = LaplaceEstimator(model, hessian=hessian, interaction=interaction,
-                           inner={"max_iter": 100, "gtol": 1e-6})
+                           inner={"max_iter": 100, "gtol": 1e-6, "value_differences": 0})
     start = time.perf_counter()
-    # L-BFGS as in train.py (stops at max |gradient| < 5e-4, converged below 1e-3), restarted
+    # inner derivatives (value_differences 0: differences of exact gradients, for ODE models)
+    # and L-BFGS as in train.py (stops at max |gradient| < 5e-4, converged below 1e-3), restarted
     # with a fresh history if it stops early without converging (up to 12 starts).
     n_iter = starts = 0
     while True:
