@@ -131,23 +131,6 @@ def _prior_sd(joint: NegLogJoint) -> Tensor | None:
     return model.eta_sd().detach() if model.n_eta else None
 
 
-def _bfgs_update(hess: Tensor, s: Tensor, y: Tensor) -> Tensor:
-    """BFGS update of per-subject Hessian approximations ``(n, K, K)`` with steps ``s`` and
-    gradient changes ``y`` ``(n, K)``; rows with too little curvature along ``s``
-    (``sᵀy <= 1e-10·|s||y|``, e.g. a step that crossed a non-convex region) are kept."""
-    hs = (hess @ s.unsqueeze(-1)).squeeze(-1)
-    sy = (s * y).sum(-1)
-    shs = (s * hs).sum(-1)
-    fine = (sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)) & (shs > 0)
-    sy = torch.where(fine, sy, 1.0)
-    shs = torch.where(fine, shs, 1.0)
-    update = (
-        y[:, :, None] * y[:, None, :] / sy[:, None, None]
-        - hs[:, :, None] * hs[:, None, :] / (shs[:, None, None])
-    )
-    return torch.where(fine[:, None, None], hess + update, hess)
-
-
 def chord_steps(
     joint: NegLogJoint,
     eta0: Tensor,
@@ -156,16 +139,18 @@ def chord_steps(
     variance0: Tensor | None,
     options: InnerOptions,
 ) -> tuple[Tensor, Tensor]:
-    """Approach the modes by quasi-Newton steps η ← η - B⁻¹ ∇l(η) that start from a stored
-    curvature ``B = |H₀|`` and refine it by BFGS updates from the gradients seen.
+    """Approach the modes by steps η ← η - B⁻¹ ∇l(η) with a stored curvature ``B = |H₀|``
+    (chord method).
 
     ``hessian0`` ``(N, K, K)`` is the Hessian at the modes of a nearby evaluation (the
     previous fixed effects, the same subjects), ``eta0`` those modes. Each step costs one
     gradient instead of a Hessian. Where derivatives come from differences of values in one
     small batch (:func:`use_values`), a Hessian costs no more than a gradient: then ``B`` is
     the exact |H| at each point (Newton steps, kept only where l falls). A subject stops at
-    ``gtol``, after ``chord_iter`` steps, or as soon as a step does not lower its l (its
-    curvature has changed too much); :func:`find_modes` goes on with damped Newton steps.
+    ``gtol``, after ``chord_iter`` steps, or as soon as a step does not lower its l (with a
+    stored curvature also when its gradient does not halve: the curvature has changed too
+    much, and further steps could wander towards another local minimum); :func:`find_modes`
+    goes on with damped Newton steps.
     Returns η ``(N, K)`` and ``done`` ``(N,)``: the subjects whose gradient is below ``gtol``.
     """
     eta = eta0.detach().clone()
@@ -199,7 +184,7 @@ def chord_steps(
         if step_no == options.chord_iter or not bool(go_on.any()):
             break
         if not bool(go_on.all()):
-            active, f, g = active[go_on], f[go_on], g[go_on]
+            active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
             curvature, chol = curvature[go_on], chol[go_on]
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
         step = _limit(
@@ -211,18 +196,20 @@ def chord_steps(
         better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
         eta[active] = torch.where(better[:, None], trial, eta[active])
         done[active] = better & (g_new.abs().amax(-1) < options.gtol)
-        if not bool(better.any()):
-            break
-        if exact:
+        if exact:  # Newton: the exact |H| at the new point
+            keep = better
             updated = absolute_eigenvalues(h_new)
-        else:
-            updated = _bfgs_update(curvature, step, g_new - g)
-        chol_new, info = torch.linalg.cholesky_ex(updated)
-        fine = (info == 0)[:, None, None]
-        curvature = torch.where(fine, updated, curvature)[better]
-        chol = torch.where(fine, chol_new, chol)[better]
-        active, f, g = active[better], f_new[better], g_new[better]
-        if not bool(better.all()):
+            chol_new, info = torch.linalg.cholesky_ex(updated)
+            fine = (info == 0)[:, None, None]
+            curvature = torch.where(fine, updated, curvature)
+            chol = torch.where(fine, chol_new, chol)
+        else:  # the stored curvature serves while the gradient at least halves per step
+            keep = better & (g_new.abs().amax(-1) <= 0.5 * gmax)
+        if not bool(keep.any()):
+            break
+        curvature, chol = curvature[keep], chol[keep]
+        active, f, g = active[keep], f_new[keep], g_new[keep]
+        if not bool(keep.all()):
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
     return eta, done
 
