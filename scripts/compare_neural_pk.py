@@ -45,6 +45,12 @@ def model_config(name: str) -> dict:
     return {k: v for k, v in config.items() if k not in SKIP}
 
 
+def main_job_method() -> dict:
+    """The main job's own method settings (``configs/model_method/neural_pk_focei.yaml``)."""
+    path = ROOT / "configs" / "model_method" / "neural_pk_focei.yaml"
+    return yaml.safe_load(path.read_text())["method"]
+
+
 def build(name: str, seed: int):
     if name == "classical":
         return OneCmtOralModel(error="proportional", init=INIT)
@@ -61,11 +67,12 @@ def run_one(
     regimen = synthetic_pk_regimen(n_regimen, seed=seed, dtype=torch.float64)
     model = build(name, seed).double()
     hessian, interaction = {"focei": ("expected", True), "laplace": ("exact", True)}[method]
-    est = LaplaceEstimator(model, hessian=hessian, interaction=interaction,
-                           inner={"max_iter": 100, "gtol": 1e-6, "value_differences": 0})
+    inner = {"max_iter": 100, "gtol": 1e-6}
+    if name == "neural_ode":  # the main job's own inner-search settings
+        inner.update(main_job_method()["estimator"]["inner"])
+    est = LaplaceEstimator(model, hessian=hessian, interaction=interaction, inner=inner)
     start = time.perf_counter()
-    # inner derivatives (value_differences 0: differences of exact gradients, for ODE models)
-    # and L-BFGS as in train.py (stops at max |gradient| < 5e-4, converged below 1e-3), restarted
+    # L-BFGS as in train.py (stops at max |gradient| < 5e-4, converged below 1e-3), restarted
     # with a fresh history if it stops early without converging (up to 12 starts).
     n_iter = starts = 0
     while True:

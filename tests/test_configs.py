@@ -102,8 +102,9 @@ def test_main_job_is_the_default(hydra_configs):
     # convergence criterion; other model/method pairs keep the method's
     assert cfg.method.gtol == 5e-4 < cfg.method.converged_gtol
     assert compose_train("method=focei").method.gtol == 1e-6
-    # and its inner derivatives from differences of exact gradients, for the main job only
+    # and its inner search (derivatives from differences of exact gradients, Newton steps)
     assert cfg.method.estimator.inner.value_differences == 0
+    assert cfg.method.estimator.inner.chord_iter == 0
     assert "value_differences" not in compose_train("method=focei").method.estimator.inner
 
 
