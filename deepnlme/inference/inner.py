@@ -301,12 +301,11 @@ def value_derivatives(
         pp, pm, mp, mm = values[4 * k + 1 :].reshape(4, n_pairs, n)
         off = (pp - pm - mp + mm) / (4.0 * step_h**2)  # (pairs, N)
         j, m = torch.triu_indices(k, k, 1, device=eta.device)
-        rows = [[None] * k for _ in range(k)]
-        for a in range(k):
-            rows[a][a] = diag[a]
-        for q in range(n_pairs):
-            rows[j[q]][m[q]] = rows[m[q]][j[q]] = off[q]
-        hess = torch.stack([torch.stack(r, -1) for r in rows], -2)  # (N, K, K)
+        d = torch.arange(k, device=eta.device)
+        hess = diag.new_zeros(n, k, k)  # (N, K, K)
+        hess[:, d, d] = diag.T
+        hess[:, j, m] = off.T
+        hess[:, m, j] = off.T
     return f, grad, hess
 
 
