@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -182,3 +183,16 @@ class ParameterTrace(Callback):
         frame = pd.DataFrame(self.records)
         best = frame.groupby("iteration")["objective"].idxmin()
         return frame.loc[best.to_numpy()].reset_index(drop=True)
+
+
+class EveryEpochs(Callback):
+    """Rewrites the checkpoint ``path`` at the end of every ``every``-th epoch (Lightning writes
+    it to a temporary file moved into place), so that a killed fit leaves a recent state.
+    Unlike ``ModelCheckpoint`` it does not count optimizer steps: SAEM takes none."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), int(every)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every == 0:
+            trainer.save_checkpoint(self.path)

@@ -19,10 +19,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from deepnlme.mixed.optimizer import OptimResult, minimize_bounded
 from deepnlme.mixed.problem import FitProblem
+from deepnlme.training.callbacks import EveryEpochs
 from deepnlme.training.datamodule import SingleBatch
 
 #: Key of the run's description in the training checkpoint.
@@ -90,17 +90,6 @@ class BoundedFitModule(pl.LightningModule):
         checkpoint[METADATA_KEY] = self.metadata
 
 
-class SaveEachEpoch(Callback):
-    """Writes the training checkpoint ``path`` after every epoch (Lightning's ModelCheckpoint
-    saves only when the global step moved, and these steps take no torch optimizer step)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
-
-
 def fit_full_batch(problem: FitProblem, trainer_cfg: Mapping[str, Any], output_dir: Path,
                    max_iter: int, iterations_per_epoch: int,
                    ckpt_path: str | None = None, metadata: Mapping[str, Any] | None = None,
@@ -119,7 +108,7 @@ def fit_full_batch(problem: FitProblem, trainer_cfg: Mapping[str, Any], output_d
               "max_epochs": min(int(trainer_cfg.get("max_epochs") or epochs), epochs)}
     warnings.filterwarnings("ignore", message=r".*returned `None`, this fit will run with no")
     last = Path(output_dir) / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
-    trainer = build_trainer(config, output_dir, [timer, stop, SaveEachEpoch(last)])
+    trainer = build_trainer(config, output_dir, [timer, stop, EveryEpochs(last, 1)])
     trainer.fit(module, train_dataloaders=SingleBatch(torch.zeros(0)), ckpt_path=ckpt_path,
                 weights_only=True)
     return module.final(), timer.seconds, stop.received

@@ -32,7 +32,7 @@ from deepnlme.inference.pyro.program import SubjectBatch
 from deepnlme.inference.pyro.saem import save_convergence_plot
 from deepnlme.inference.pyro.vi import NonFiniteObjective
 from deepnlme.training.build import LAST_CHECKPOINT, quiet_lightning
-from deepnlme.training.callbacks import FitProgressBar, FitTimer
+from deepnlme.training.callbacks import EveryEpochs, FitProgressBar, FitTimer
 from deepnlme.training.datamodule import PopulationDataModule
 
 #: ``fit_style`` of the estimators fitted by :func:`fit_stochastic` (not full-batch L-BFGS).
@@ -214,19 +214,6 @@ class SAEMFitModule(pl.LightningModule):
         if SAEM_KEY not in checkpoint:
             raise ValueError("the checkpoint holds no SAEM state: resume it with its own method")
         self.estimator.load_state_dict(checkpoint[SAEM_KEY])
-
-
-class EveryEpochs(Callback):
-    """Rewrites the checkpoint ``path`` at the end of every ``every``-th epoch (Lightning writes
-    it to a temporary file moved into place), so that a killed fit leaves a recent state.
-    Unlike ``ModelCheckpoint`` it does not count optimizer steps: SAEM takes none."""
-
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = Path(path), int(every)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if (trainer.current_epoch + 1) % self.every == 0:
-            trainer.save_checkpoint(self.path)
 
 
 class BoundMonitor(Callback):
