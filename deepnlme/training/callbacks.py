@@ -188,11 +188,15 @@ class ParameterTrace(Callback):
 class EveryEpochs(Callback):
     """Rewrites the checkpoint ``path`` at the end of every ``every``-th epoch (Lightning writes
     it to a temporary file moved into place), so that a killed fit leaves a recent state.
-    Unlike ``ModelCheckpoint`` it does not count optimizer steps: SAEM takes none."""
+    Unlike ``ModelCheckpoint`` it does not count optimizer steps: SAEM takes none.
 
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = Path(path), int(every)
+    ``stop``: a :class:`~deepnlme.training.interrupt.StopOnSignal`; the epoch in which it
+    received a signal (the last one) is written too."""
+
+    def __init__(self, path: Path, every: int, stop: Any = None):
+        self.path, self.every, self.stop = Path(path), int(every), stop
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if (trainer.current_epoch + 1) % self.every == 0:
+        stopping = self.stop is not None and self.stop.received is not None
+        if stopping or (trainer.current_epoch + 1) % self.every == 0:
             trainer.save_checkpoint(self.path)

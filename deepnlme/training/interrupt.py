@@ -25,15 +25,18 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopOnSignal(Callback):
-    """Stops the fit at the end of the epoch in which SIGINT or SIGTERM arrived.
+    """Stops the fit after the step (``at_epoch_end=False``: full-batch fits, one step per
+    epoch) or at the end of the epoch (``at_epoch_end=True``: minibatch fits, so that a resumed
+    fit starts at an epoch boundary) in which SIGINT or SIGTERM arrived.
 
     The handlers are installed when training starts (replacing Lightning's SIGTERM handler, which
     would otherwise raise at the end of the epoch) and the previous ones restored when it ends.
     ``received`` is the signal number (None: no signal).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, at_epoch_end: bool = False) -> None:
         self.received: int | None = None
+        self.at_epoch_end = at_epoch_end
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -57,6 +60,10 @@ class StopOnSignal(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
+        if self.received is not None and not self.at_epoch_end:
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.received is not None:
             trainer.should_stop = True
 

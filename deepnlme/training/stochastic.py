@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from deepnlme.cli import Interrupted
 from deepnlme.data.population import Population
 from deepnlme.fitted import CHECKPOINT_KEY
 from deepnlme.inference.pyro.program import SubjectBatch
@@ -34,6 +36,7 @@ from deepnlme.inference.pyro.vi import NonFiniteObjective
 from deepnlme.training.build import LAST_CHECKPOINT, quiet_lightning
 from deepnlme.training.callbacks import EveryEpochs, FitProgressBar, FitTimer
 from deepnlme.training.datamodule import PopulationDataModule
+from deepnlme.training.interrupt import StopOnSignal
 
 #: ``fit_style`` of the estimators fitted by :func:`fit_stochastic` (not full-batch L-BFGS).
 STOCHASTIC = ("stochastic", "saem", "nuts", "mcem")
@@ -268,7 +271,10 @@ def fit_stochastic(
     or one full-batch SAEM iteration per epoch (SAEM, then ``saem_convergence.png``).
 
     Returns the trainer and ``{converged, n_iter, stop_reason, fit_seconds}``. A non-finite
-    objective raises :class:`NonFiniteObjective` (one line for the user).
+    objective raises :class:`NonFiniteObjective` (one line for the user). SIGINT/SIGTERM stop
+    the fit at the end of the current epoch, write ``last.ckpt`` there and raise
+    :class:`~deepnlme.cli.Interrupted` (``ckpt_path=`` that file resumes on the same
+    trajectory).
     """
     quiet_lightning()
     show = bool(trainer_cfg.get("enable_progress_bar", True))
@@ -304,9 +310,10 @@ def fit_stochastic(
         )
     every = max(1, math.ceil(int(method_cfg.get("checkpoint_every", 200)) / steps_per_epoch))
     last = Path(output_dir) / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
-    checkpoints = EveryEpochs(last, every)
+    stop = StopOnSignal(at_epoch_end=True)
+    checkpoints = EveryEpochs(last, every, stop)
     monitor, timer = BoundMonitor(), FitTimer()
-    callbacks: list[Callback] = [monitor, timer, *(extra_callbacks or [])]
+    callbacks: list[Callback] = [monitor, timer, stop, *(extra_callbacks or [])]
     config = dict(trainer_cfg)
     if config.get("enable_progress_bar", True):
         callbacks.append(FitProgressBar(refresh_rate=max(1, steps_per_epoch * every // 4)))
@@ -315,6 +322,12 @@ def fit_stochastic(
                   enable_checkpointing=False)  # EveryEpochs writes the one checkpoint
     trainer = instantiate(config, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    if stop.received is not None:
+        raise Interrupted(
+            f"fit interrupted by {signal.Signals(stop.received).name} after {monitor.n_iter} "
+            f"steps; resume with ckpt_path={last}",
+            stop.received,
+        )
     after_fit = getattr(estimator, "after_fit", None)  # e.g. VI's encoder phase
     finished = after_fit(pop) if after_fit is not None else {}
     trainer.save_checkpoint(last)

@@ -4,13 +4,16 @@ parallelism."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from deepnlme.cli import Interrupted
 from deepnlme.data import load_dataset
 from deepnlme.inference.pyro.saem import SAEMEstimator
 from deepnlme.inference.pyro.vi import VariationalEstimator
@@ -88,6 +91,37 @@ def test_killed_fit_resumes_on_the_same_trajectory(tmp_path):
     fit(tmp_path / "b", callbacks=[StopAfter(2)])
     resumed = fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "checkpoints" / "last.ckpt")
     assert not torch.equal(straight, fit(tmp_path / "d", callbacks=[StopAfter(2)]))
+    assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
+
+
+class SignalMidEpoch(Callback):
+    """Sends ``signum`` to this process after the first step of epoch ``epoch``."""
+
+    def __init__(self, signum: int, epoch: int):
+        self.signum, self.epoch = signum, epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_at_the_end_of_the_epoch_and_the_fit_resumes(tmp_path, signum):
+    straight = fit(tmp_path / "a")
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as stopped:
+        fit(tmp_path / "b", callbacks=[SignalMidEpoch(signum, epoch=1)])
+    name = signal.Signals(signum).name
+    # 12 subjects in batches of 4: the epoch under way (steps 4-6) is finished, then saved
+    assert str(stopped.value) == (
+        f"fit interrupted by {name} after 6 steps; resume with ckpt_path={last}"
+    )
+    assert stopped.value.exit_status == 128 + signum
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 6
+    assert signal.getsignal(signum) is before  # the handler is restored after the fit
+    resumed = fit(tmp_path / "c", ckpt_path=last)
     assert torch.allclose(resumed, straight, rtol=1e-10, atol=1e-12)
 
 
