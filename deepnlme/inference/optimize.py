@@ -163,6 +163,17 @@ def objective_and_gradient(estimator, pop: Population) -> tuple[float, float, fl
     return value, -value - float(model.log_prior().detach()), grad_max(params)
 
 
+def boundary_stop(model, reason: str) -> str:
+    """:data:`STOP_BOUNDARY` in place of ``reason`` when a free parameter of ``model`` has run
+    off to a boundary of its domain (not converged, whatever else stopped the fit), else
+    ``reason``; a non-finite loss stays what it is."""
+    from deepnlme.inference.uncertainty import boundary_warnings
+
+    if reason != STOP_NOT_FINITE and hasattr(model, "declared") and boundary_warnings(model):
+        return STOP_BOUNDARY
+    return reason
+
+
 def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitResult:
     """Maximize the estimator's objective over the model's trainable parameters.
 
@@ -193,5 +204,6 @@ def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitR
     # L-BFGS also stops when its evaluation budget (1.25 per iteration) is spent: a budget too.
     own = lbfgs_evaluations(optimizer) < optimizer.param_groups[0]["max_eval"]
     reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, own) or STOP_MAX_ITER
+    reason = boundary_stop(estimator.model, reason)
     converged = is_converged(value, g, opts.converged_gtol, reason)
     return FitResult(value, n_iter, n_evals, g, converged, seconds, reason)

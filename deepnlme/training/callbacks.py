@@ -11,9 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from deepnlme.inference.optimize import (
-    STOP_BOUNDARY,
     STOP_MAX_EPOCHS,
-    STOP_NOT_FINITE,
+    boundary_stop,
     check_start,
     is_converged,
     lbfgs_evaluations,
@@ -21,7 +20,6 @@ from deepnlme.inference.optimize import (
     objective_and_gradient,
     stop_reason,
 )
-from deepnlme.inference.uncertainty import boundary_warnings
 from deepnlme.model.params import RandomEffects
 
 
@@ -84,10 +82,7 @@ class ConvergenceMonitor(Callback):
         self.stop_reason = stop_reason(
             self.loss, self.grad_max, self.gtol, n_iter, self.max_iter, stopped_itself
         )
-        model = pl_module.estimator.model
-        if self.stop_reason != STOP_NOT_FINITE and hasattr(model, "declared"):
-            if boundary_warnings(model):  # not converged, whatever else stopped the fit
-                self.stop_reason = STOP_BOUNDARY
+        self.stop_reason = boundary_stop(pl_module.estimator.model, self.stop_reason)
         self.converged = is_converged(
             self.loss, self.grad_max, self.converged_gtol, self.stop_reason
         )

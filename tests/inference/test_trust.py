@@ -12,13 +12,18 @@ import torch
 from deepnlme.data import load_dataset
 from deepnlme.inference import Laplace, OuterOptions, fit
 from deepnlme.inference.feasibility import INFEASIBLE_LOSS, ObjectiveError
-from deepnlme.inference.optimize import check_start, convergence_warning, is_converged
+from deepnlme.inference.optimize import (
+    STOP_BOUNDARY,
+    check_start,
+    convergence_warning,
+    is_converged,
+)
 from deepnlme.inference.uncertainty import (
     boundary_warnings,
     identifiability_warnings,
     parameter_covariance,
 )
-from deepnlme.model.params import Param
+from deepnlme.model.params import Param, positive
 from deepnlme.model.zoo.pk import OneCmtOralModel
 from tests.inference.linear_model import RandomSlopeModel, random_slope_population
 
@@ -126,3 +131,23 @@ def test_relative_standard_error_and_boundary_warnings():
         "determine it; fix it or simplify the model"
     ]
     assert boundary_warnings(OneCmtOralModel()) == []
+
+
+class Unidentified(RandomSlopeModel):
+    """The random-slope model with a positive parameter the likelihood does not depend on,
+    started where an unidentified estimate ends up: beyond the boundary check."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = positive(1e9)
+
+
+def test_a_fit_with_a_parameter_at_a_boundary_is_not_converged():
+    pop = random_slope_population(n=8, seed=3)
+    estimator = Laplace(Unidentified())
+    result = fit(estimator, pop)
+    assert result.grad_max < 1e-3  # the criterion on the gradient alone would hold
+    assert result.stop_reason == STOP_BOUNDARY
+    assert not result.converged
+    good = fit(Laplace(RandomSlopeModel()), pop)
+    assert good.converged and good.stop_reason != STOP_BOUNDARY
