@@ -85,6 +85,10 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
             diagnostics.evaluate(model, estimator, regimen_pop, "heldout_regimen")
         )
     warnings = summary.pop("warnings", [])
+    integration = diagnostics.integration_error(model, evaluations)
+    for warning in diagnostics.integration_warnings(integration):
+        log.warning(warning)
+        warnings.append(warning)
     results = {
         **names,
         **diagnostics.likelihood_summary(model, evaluations[0]),
@@ -96,6 +100,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         results["elbo"] = estimator.elbo_value(fit_pop)
     for evaluation in evaluations[1:]:
         results[evaluation.split] = evaluation.metrics()
+    if integration is not None:
+        results["integration_error"] = integration
     if cfg.get("loglik_is", True):
         from deepnlme.inference.pyro.importance import importance_summary
 

@@ -24,6 +24,7 @@ from deepnlme.diagnostics.report import (
     write_tables,
 )
 from deepnlme.diagnostics.simulation import sample_eta, simulate
+from deepnlme.diagnostics.solver_check import integration_error, integration_warnings
 from deepnlme.diagnostics.vpc import save_vpc, vpc_coverage, vpc_figure, vpc_statistics
 from deepnlme.diagnostics.write import DiagnosticOptions, write_all
 
@@ -36,6 +37,8 @@ __all__ = [
     "estimates_table",
     "evaluate",
     "gof_figure",
+    "integration_error",
+    "integration_warnings",
     "likelihood_summary",
     "objective_summary",
     "omega_blocks",

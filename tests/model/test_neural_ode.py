@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from deepnlme.data.frames import population_from_frame
 from deepnlme.data.synthetic import COVARIATES, synthetic_pk, synthetic_pk_regimen
 from deepnlme.inference import InnerOptions, LaplaceEstimator
-from deepnlme.model.zoo.neural_ode import NeuralODEPKModel
+from deepnlme.model.zoo.neural_ode import NeuralODEPKModel, time_since_dose
 from deepnlme.model.zoo.pk import OneCmtOralModel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +67,9 @@ def test_network_off_equals_the_closed_form(pops, design, above):
     # the exponential integrator is exact for a constant elimination rate, whatever the step
     got = model(max_step=50.0, absorption_above_elimination=above).observe(eta, pop).prediction
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    graded = model(step_growth=1.0, absorption_above_elimination=above)
+    torch.testing.assert_close(graded.observe(eta, pop).prediction, expected, rtol=1e-9,
+                               atol=1e-12)
     ode = model(solver="ode", rtol=1e-9, atol=1e-12, absorption_above_elimination=above)
     torch.testing.assert_close(ode.observe(eta, pop).prediction, expected, rtol=1e-6, atol=1e-9)
 
@@ -107,6 +110,40 @@ def test_exponential_integrator_converges_to_the_ode_solution(pops, design):
     # less accurately at that step: experiments/neural_pk/README.md gives the figures)
     assert errors[0] < 5e-2
     assert errors[2] < 1e-3 and errors[2] < errors[1] / 4  # converges as the steps shrink
+
+
+def test_time_since_dose_of_an_event_grid():
+    inf = float("inf")
+    start = torch.tensor([[0.0, 0.0, 1.0, 12.0, 12.0, 20.0], [0.0, 2.0, 2.0, 5.0, 7.0, 9.0]])
+    jump = torch.zeros(2, 6, 2)
+    jump[0, 1, 0] = 100.0  # a bolus at the end of segment 1: segment 2 starts at a dose
+    jump[0, 3, 0] = 100.0
+    rate = torch.zeros(2, 6, 2)
+    rate[1, 3:5, 0] = 10.0  # an infusion over segments 3 and 4
+    since = time_since_dose(start, rate, jump)
+    expected = torch.tensor([[inf, inf, 0.0, 11.0, 0.0, 8.0], [inf, inf, inf, 0.0, 2.0, 4.0]])
+    torch.testing.assert_close(since, expected)
+
+
+def test_graded_steps_converge_and_beat_equal_steps_on_repeated_doses(pops):
+    pop = pops["repeated"]
+    eta = eta_for(pop, 1)
+    ref_model = model(solver="ode", rtol=1e-10, atol=1e-12)
+    randomize(ref_model, scale=1.5)
+    ref = ref_model.observe(eta, pop).prediction.detach()
+    mask = pop.obs_mask
+
+    def median_error(**solver) -> float:
+        m = model(**solver)
+        m.load_state_dict(ref_model.state_dict())
+        got = m.observe(eta, pop).prediction.detach()
+        return float(((got - ref).abs() / ref)[mask].median())
+
+    graded = [median_error(step_growth=growth, max_step=6.0 * growth, min_step=0.25 * growth)
+              for growth in (1.0, 0.5, 0.25)]
+    # second order in the step (halving every step: errors / 2.9 and / 3.4 here)
+    assert graded[2] < graded[1] / 2.5 and graded[1] < graded[0] / 2.5
+    assert graded[0] < median_error(max_step=6.0) / 3  # equal 6 h steps miss the peaks
 
 
 def test_network_changes_the_elimination(pops):
@@ -158,11 +195,12 @@ def test_a_subject_solution_does_not_depend_on_the_batch(pops):
     # the mode search evaluates changing subsets of subjects: each subject's steps must come
     # from its own event grid, not from the longest segment of the batch
     single = pops["single"]
-    m = model()
-    randomize(m)
-    eta = eta_for(single, 3)
-    together = m.observe(eta, single).prediction.detach()
-    for i in range(len(single)):
-        alone = m.observe(eta[i : i + 1], single.subset([i])).prediction.detach()
-        width = alone.shape[1]
-        torch.testing.assert_close(alone, together[i : i + 1, :width], rtol=1e-12, atol=1e-15)
+    for m in (model(), model(step_growth=1.0)):
+        randomize(m)
+        eta = eta_for(single, 3)
+        together = m.observe(eta, single).prediction.detach()
+        for i in range(len(single)):
+            alone = m.observe(eta[i : i + 1], single.subset([i])).prediction.detach()
+            width = alone.shape[1]
+            torch.testing.assert_close(alone, together[i : i + 1, :width], rtol=1e-12,
+                                       atol=1e-15)

@@ -45,6 +45,26 @@ from deepnlme.nn.mlp import CovariateEtaMLP, scaler_from_mapping
 from deepnlme.nn.rhs import CONTEXT, StateNetwork, UniversalRhs
 
 
+def time_since_dose(start: Tensor, rate: Tensor | None, jump: Tensor) -> Tensor:
+    """Time since the last dose at the start of each segment of an event grid, ``(N, K)``
+    (inf before the first dose; detached).
+
+    A segment starts at a dose when the previous segment ends with a jump (a bolus) or when an
+    input rate rises (an infusion starts). ``start`` ``(N, K)``, ``rate`` ``(N, K, C)`` or
+    None, ``jump`` ``(N, K, C)`` as in :meth:`OdeDynamics._integrate_grid`.
+    """
+    start = start.detach()
+    bolus = jump.detach().abs().sum(-1) > 0  # (N, K): a dose at the end of segment k
+    at_dose = torch.zeros_like(bolus)
+    at_dose[:, 1:] = bolus[:, :-1]
+    if rate is not None:
+        r = rate.detach()
+        at_dose[:, 1:] |= (r[:, 1:] > r[:, :-1]).any(-1)
+        at_dose[:, 0] |= (r[:, 0] > 0).any(-1)
+    last = torch.where(at_dose, start, -torch.inf).cummax(1).values
+    return start - last
+
+
 class OralEliminationDynamics(OdeDynamics):
     """Depot → central ODE with first-order absorption and a state-dependent elimination rate,
     integrated by a second-order exponential integrator on each subject's event grid.
@@ -54,7 +74,8 @@ class OralEliminationDynamics(OdeDynamics):
     ``elimination_rate(C, indiv) -> k`` ``(N,)`` (1/h) gives its elimination rate. Dosing
     (boluses, infusions, lag, bioavailability, resets, steady state) is
     :class:`OdeDynamics`'; only the integration of each segment between events differs:
-    ``ceil(length / max_step)`` equal steps (each subject's own segment decides), each
+    ``ceil(length / max_step)`` equal steps (each subject's own segment decides) or, with
+    ``step_growth``, steps graded by the time since the last dose (:meth:`_step_fractions`), each
     exact for the depot and, with the rate frozen at the average of its values at the step's
     start and at a predicted end (exponential Heun), exact in closed form for the central
     compartment. So a constant rate (a linear model) is integrated exactly whatever the step,
@@ -69,12 +90,19 @@ class OralEliminationDynamics(OdeDynamics):
         elimination_rate,
         max_step: float = 2.0,
         integrator: str = "exponential",
+        step_growth: float | None = None,
+        min_step: float = 0.25,
         **ode_options,
     ):
         if max_step <= 0:
             raise ValueError(f"max_step must be > 0 (hours), got {max_step}")
         if integrator not in ("exponential", "ode"):
             raise ValueError(f"solver must be 'exponential' or 'ode', got {integrator!r}")
+        if step_growth is not None and (step_growth <= 0 or not 0 < min_step <= max_step):
+            raise ValueError(
+                f"step_growth must be > 0 and 0 < min_step <= max_step, got {step_growth}, "
+                f"{min_step}, {max_step}"
+            )
         super().__init__(
             rhs, ("depot", "central"), default_dose_cmt=1, default_obs_cmt=2,
             required=("ka", "v"), **ode_options,
@@ -82,25 +110,54 @@ class OralEliminationDynamics(OdeDynamics):
         self.elimination_rate = elimination_rate
         self.max_step = float(max_step)
         self.exponential = integrator == "exponential"
+        self.step_growth = None if step_growth is None else float(step_growth)
+        self.min_step = float(min_step)
+
+    def _step_fractions(self, length: Tensor, since_dose: Tensor | None) -> Tensor:
+        """Step lengths of each row as fractions of its segment, ``(B, n)`` (0 past a row's
+        last step; detached: they depend on the event grid alone, so the solution stays a
+        smooth function of the parameters and the batch does not matter).
+
+        Equal steps of at most ``max_step``; with ``step_growth`` ρ and the time since the
+        last dose ``since_dose`` ``(B,)`` at the segment's start (h; inf before any dose),
+        graded steps ``h = clamp(ρ·τ, min_step, max_step)`` at time ``τ`` after the dose:
+        short while the dose is absorbed and the elimination rate changes fast, long later.
+        """
+        total = length.detach()
+        if self.step_growth is None or since_dose is None:
+            steps = torch.ceil(total / self.max_step).clamp_min(1.0)  # (B,)
+            j = torch.arange(int(steps.max()), dtype=total.dtype, device=total.device)
+            return torch.where(j < steps[:, None], 1.0 / steps[:, None], 0.0)
+        tau, remaining, hs = since_dose.detach().clone(), total.clone(), []
+        while True:
+            h = (self.step_growth * tau).clamp(self.min_step, self.max_step)
+            h = torch.minimum(remaining, h)
+            if hs and not bool((h > 0).any()):
+                break
+            hs.append(h)
+            tau, remaining = tau + h, remaining - h
+        return torch.stack(hs, 1) / total.clamp_min(torch.finfo(total.dtype).tiny)[:, None]
 
     def _integrate(
-        self, x: Tensor, start: Tensor, length: Tensor, rate: Tensor, indiv: Mapping[str, Tensor]
+        self,
+        x: Tensor,
+        start: Tensor,
+        length: Tensor,
+        rate: Tensor,
+        indiv: Mapping[str, Tensor],
+        since_dose: Tensor | None = None,
     ) -> Tensor:
         """State after ``length`` ``(B,)`` h from ``x`` ``(B, 2)`` with constant inputs
-        ``rate`` ``(B, 2)`` (amount/h)."""
+        ``rate`` ``(B, 2)`` (amount/h); ``since_dose`` ``(B,)``: time since the last dose at
+        the start (graded steps, :meth:`_step_fractions`)."""
         if not self.exponential:
             return super()._integrate(x, start, length, rate, indiv)
-        # Each row its own number of equal steps, from its own length alone: a subject's
-        # solution must not depend on which other subjects share the batch (the mode search
-        # evaluates changing subsets; a batch-wide count made l_i(η) differ between them).
-        steps = torch.ceil(length.detach() / self.max_step).clamp_min(1.0)  # (B,)
-        n_steps = int(steps.max())
-        h = length / steps
+        # Each row its own steps, from its own segment alone: a subject's solution must not
+        # depend on which other subjects share the batch (the mode search evaluates changing
+        # subsets; a batch-wide count made l_i(η) differ between them).
+        fractions = self._step_fractions(length, since_dose)  # (B, n)
         ka, v = indiv["ka"], indiv["v"]
-        kah = ka * h
-        decay = torch.exp(-kah)
         r1, r2 = rate[:, 0], rate[:, 1]
-        depot_in = r1 * h * phi1(kah)  # depot gain from its infusion over one step
         a1, a2 = x[:, 0], x[:, 1]
 
         def central(k: Tensor) -> Tensor:
@@ -114,14 +171,22 @@ class OralEliminationDynamics(OdeDynamics):
             phi = -torch.expm1(-kh) / k  # ∫ e^{−k(h−s)} ds
             return a2 * decay_k + (ka * a1 - r1) * psi + (r1 + r2) * phi
 
-        for step in range(n_steps):
+        uniform = self.step_growth is None or since_dose is None
+        infusing = bool((r1.detach() != 0).any())
+        for step in range(fractions.shape[1]):
+            if step == 0 or not uniform:  # equal steps share these
+                h = length * fractions[:, step]
+                kah = ka * h
+                decay = torch.exp(-kah)
+                # depot gain from its infusion over one step
+                depot_in = r1 * h * phi1(kah) if infusing else 0.0
             k0 = self.elimination_rate(a2 / v, indiv)
             k1 = self.elimination_rate(central(k0) / v, indiv)
             new_a2, new_a1 = central(0.5 * (k0 + k1)), a1 * decay + depot_in
             if step == 0:  # every row takes at least one step
                 a2, a1 = new_a2, new_a1
             else:  # rows whose own steps are done keep their state
-                moving = step < steps
+                moving = fractions[:, step] > 0
                 a2, a1 = torch.where(moving, new_a2, a2), torch.where(moving, new_a1, a1)
         return torch.stack([a1, a2], dim=-1)
 
@@ -142,12 +207,14 @@ class OralEliminationDynamics(OdeDynamics):
         if not self.exponential:
             return super()._integrate_grid(indiv, x0, start, length, rate, keep, jump)
         needed = (length.detach() > 0).any(0).tolist()
+        since = None if self.step_growth is None else time_since_dose(start, rate, jump)
         x, states = x0, []
         for k in range(start.shape[1]):
             x = torch.where(keep[:, k, None], x, 0.0)
             if needed[k]:
                 r = torch.zeros_like(x) if rate is None else rate[:, k]
-                x = self._integrate(x, start[:, k], length[:, k], r, indiv)
+                tau = None if since is None else since[:, k]
+                x = self._integrate(x, start[:, k], length[:, k], r, indiv, tau)
             x = x + jump[:, k]
             states.append(x)
         return torch.stack(states, 1)
@@ -174,6 +241,9 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
             :class:`OralEliminationDynamics`, steps of at most ``max_step`` h) or ``"ode"``
             (torchdiffeq through :class:`OdeDynamics`, with ``rtol``, ``atol`` and
             ``solver_options``, e.g. ``{"method": "dopri5"}`` is the default).
+        step_growth, min_step: graded steps of the exponential integrator, ``h =
+            clamp(step_growth · τ, min_step, max_step)`` at time ``τ`` (h) after the last
+            dose (None: equal steps of at most ``max_step``).
         min_prediction: floor of the predicted concentration (0 disables it).
         omega: initial variances of η_ka, η_cl, η_v.
         tvka, tvcl, tvv: initial typical values (1/h, L/h, L).
@@ -205,6 +275,8 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
         error: str = "proportional",
         solver: str = "exponential",
         max_step: float = 2.0,
+        step_growth: float | None = None,
+        min_step: float = 0.25,
         rtol: float = 1e-6,
         atol: float = 1e-9,
         solver_options: Mapping | None = None,
@@ -276,6 +348,8 @@ class NeuralODEPKModel(ResidualErrorMixin, NLMEModel):
             self.elimination_rate,
             max_step=max_step,
             integrator=solver,
+            step_growth=step_growth,
+            min_step=min_step,
             method=str(options.pop("method", "dopri5")),
             rtol=rtol,
             atol=atol,
