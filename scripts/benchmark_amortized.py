@@ -261,9 +261,8 @@ def main() -> None:
         residual_input=args.residual_input, seed=args.seed,
     )
     est.setup(fit_pop)
-    if args.population_fit == "checkpoint":
-        epoch_seconds, steps_per_epoch = [], math.ceil(len(fit_pop) / args.batch)
-        population_fit = {}
+    if args.population_fit == "checkpoint":  # fitted by train.py
+        epoch_seconds, steps_per_epoch, population_fit = [], None, {}
     elif args.population_fit == "focei":
         start = time.perf_counter()
         focei_fit = fit_focei(model, fit_pop)
@@ -320,6 +319,7 @@ def main() -> None:
         "steps_per_epoch": steps_per_epoch,
         "seconds_per_epoch": epoch_seconds,
         "encoder_epochs": args.encoder_epochs,
+        "encoder_steps": encoder_steps,
         "encoder_seconds": encoder_seconds,
         "encoder_simulations": args.encoder_simulations,
         "encoder_target": args.encoder_target,
