@@ -27,7 +27,8 @@ with ``--n-new`` subjects and the next data seed.
         --heldout-fraction 0.25 --batch 150 --epochs 1000 --encoder-simulations 20
     PYTHONPATH=. python scripts/benchmark_amortized.py --n-subjects 100000 --device cuda
     PYTHONPATH=. python scripts/benchmark_amortized.py --model neural_pk \
-        --checkpoint RUN/checkpoints/last.ckpt --encoder-epochs 100 --encoder-simulations 20
+        --checkpoint RUN/checkpoints/last.ckpt --encoder-epochs 500 --encoder-lr 0.005 \
+        --encoder-simulations 100 --batch 512 --residual-input
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ def main_job_setup(checkpoint: Path, n_new: int, device: torch.device) -> Setup:
     subjects of that design (the next data seed, nobody held out)."""
     from deepnlme.training import build
 
-    fitted = FittedModel.load(checkpoint, map_location=device)
+    try:
+        fitted = FittedModel.load(checkpoint, map_location=device)
+    except ValueError as exc:  # not a deepnlme checkpoint, untrusted class, ...: one line
+        raise SystemExit(f"error: {exc}") from None
     if not isinstance(fitted.model, NeuralODEPKModel):
         raise SystemExit(
             f"{checkpoint}: a {type(fitted.model).__name__} fit, not the main job's "

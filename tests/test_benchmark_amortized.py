@@ -90,3 +90,10 @@ def test_main_job_setup_refuses_another_model(bench, tmp_path):
     path, _ = main_job_checkpoint(tmp_path / "last.ckpt", "model=one_cmt_oral")
     with pytest.raises(SystemExit, match="OneCmtOralModel fit, not the main job's"):
         bench.main_job_setup(path, 5, torch.device("cpu"))
+
+
+def test_main_job_setup_refuses_a_file_that_is_no_checkpoint_in_one_line(bench, tmp_path):
+    path = tmp_path / "empty.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^error: .*empty\.ckpt: empty file, not a checkpoint$"):
+        bench.main_job_setup(path, 5, torch.device("cpu"))
