@@ -15,10 +15,20 @@
    each, one after the other in this process, their ratio, and the IPRED agreement
    (RMS difference of the two IPREDs relative to the RMS of the Laplace IPRED).
 
+``--model neural_pk --checkpoint RUN/checkpoints/last.ckpt``: the main job itself. The
+checkpoint of a ``python3 train.py`` run (the neural ODE ``NeuralODEPKModel`` fitted by FOCEI)
+gives the model with its fitted parameters, the data (its data config: the same subjects, the
+same fit / held-out split) and the Laplace mode search (its estimator's ``inner`` settings);
+no population fit here, only the encoder phase. The new subjects are that data config's design
+with ``--n-new`` subjects and the next data seed.
+
     PYTHONPATH=. python scripts/benchmark_amortized.py --n-subjects 10000 --epochs 3
     PYTHONPATH=. python scripts/benchmark_amortized.py --n-subjects 200 \
         --heldout-fraction 0.25 --batch 150 --epochs 1000 --encoder-simulations 20
     PYTHONPATH=. python scripts/benchmark_amortized.py --n-subjects 100000 --device cuda
+    PYTHONPATH=. python scripts/benchmark_amortized.py --model neural_pk \
+        --checkpoint RUN/checkpoints/last.ckpt --encoder-epochs 500 --encoder-lr 0.005 \
+        --encoder-simulations 100 --batch 512 --residual-input
 """
 
 from __future__ import annotations
@@ -28,18 +38,23 @@ import json
 import math
 import resource
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from deepnlme.data.population import Population
 from deepnlme.data.split import split_heldout
 from deepnlme.data.synthetic import COVARIATES, synthetic_pk
 from deepnlme.diagnostics.predictions import predict, rmse
+from deepnlme.fitted import FittedModel
 from deepnlme.inference import LaplaceEstimator, OuterOptions, fit
 from deepnlme.inference.inner import InnerOptions, find_modes
 from deepnlme.inference.joint import NegLogJoint
 from deepnlme.inference.pyro.program import whole
 from deepnlme.inference.pyro.vi import VariationalEstimator
 from deepnlme.model.zoo.neural import NeuralPKModel
+from deepnlme.model.zoo.neural_ode import NeuralODEPKModel
 from deepnlme.model.zoo.pk import OneCmtOralModel
 from deepnlme.training.stochastic import SubjectSampler
 
@@ -71,13 +86,70 @@ def synchronize(device: torch.device) -> None:
 
 #: Mode search of method=laplace / method=focei (configs/method/*.yaml ``inner``).
 LAPLACE_INNER = InnerOptions(max_iter=100, gtol=1e-6)
+#: The main job's model (``--model neural_pk``): only from a checkpoint of ``train.py``.
+MAIN_JOB = "neural_pk"
 
 
-def laplace_modes(model, pop) -> torch.Tensor:
-    """Laplace EBEs: batched Newton mode search from η = 0 with the Laplace fits' settings."""
+@dataclass
+class Setup:
+    """What the benchmark compares on: the model, the Laplace mode search, the subjects."""
+
+    model: torch.nn.Module
+    inner: InnerOptions  # the fit's mode search (Laplace EBEs of held-out and new subjects)
+    fit_pop: Population
+    held: Population
+    new: Population  # --n-new subjects for the EBE timings
+    info: dict  # where it came from (results JSON)
+
+
+def main_job_setup(checkpoint: Path, n_new: int, device: torch.device) -> Setup:
+    """The main job from a checkpoint of ``python3 train.py``: the fitted neural ODE, its
+    estimator's mode search, its data config's fit / held-out split, and ``n_new`` new
+    subjects of that design (the next data seed, nobody held out)."""
+    from deepnlme.training import build
+
+    try:
+        fitted = FittedModel.load(checkpoint, map_location=device)
+    except ValueError as exc:  # not a deepnlme checkpoint, untrusted class, ...: one line
+        raise SystemExit(f"error: {exc}") from None
+    if not isinstance(fitted.model, NeuralODEPKModel):
+        raise SystemExit(
+            f"{checkpoint}: a {type(fitted.model).__name__} fit, not the main job's "
+            f"{NeuralODEPKModel.__name__}"
+        )
+    data = dict(fitted.config["data"])
+    fit_pop, held = build.load_data(data, fitted.dtype)
+    if held is None:
+        raise SystemExit(f"{checkpoint}: the fit held out no subjects (data.heldout_fraction)")
+    new_data = {**data, "n_subjects": n_new, "seed": int(data["seed"]) + 1,
+                "heldout_fraction": 0.0}
+    new, _ = build.load_data(new_data, fitted.dtype)
+    info = {
+        "checkpoint": str(checkpoint),
+        "method": fitted.names.get("method", fitted.config["method"].get("name")),
+        "data": {k: data.get(k) for k in ("name", "n_subjects", "seed", "heldout_fraction",
+                                           "split_seed")},
+    }
+    return Setup(fitted.model, fitted.estimator.inner, fit_pop.to(device), held.to(device),
+                 new.to(device), info)
+
+
+def synthetic_setup(args, device: torch.device) -> Setup:
+    """``args.model`` (untrained) on ``args.n_subjects`` subjects of the main job's design,
+    ``args.heldout_fraction`` held out; the Laplace fits' mode search."""
+    pop = synthetic_pk(n_subjects=args.n_subjects, seed=args.seed)
+    fit_pop, held = split_heldout(pop, args.heldout_fraction, args.seed)
+    new = synthetic_pk(n_subjects=args.n_new, seed=args.seed + 1)
+    info = {"n_subjects": args.n_subjects, "heldout_fraction": args.heldout_fraction}
+    return Setup(MODELS[args.model]().to(device), LAPLACE_INNER, fit_pop.to(device),
+                 held.to(device), new.to(device), info)
+
+
+def laplace_modes(model, pop, inner: InnerOptions = LAPLACE_INNER) -> torch.Tensor:
+    """Laplace EBEs: batched Newton mode search from η = 0 with the options ``inner``."""
     start = pop.obs_time.new_zeros(len(pop), model.n_eta)
     with torch.no_grad():
-        return find_modes(NegLogJoint(model), start, pop, options=LAPLACE_INNER).eta
+        return find_modes(NegLogJoint(model), start, pop, options=inner).eta
 
 
 def best_time(work, repeats: int, device: torch.device) -> tuple[float, object]:
@@ -157,7 +229,10 @@ def main() -> None:
     parser.add_argument("--residual-input", action="store_true",
                         help="the encoder also reads the population prediction")
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
-    parser.add_argument("--model", default="deep_compartment", choices=sorted(MODELS))
+    parser.add_argument("--model", default="deep_compartment",
+                        choices=[*sorted(MODELS), MAIN_JOB])
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"--model {MAIN_JOB}: RUN/checkpoints/last.ckpt of train.py")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--encoder-lr", type=float, default=0.003)
@@ -165,6 +240,8 @@ def main() -> None:
     parser.add_argument("--obs-hidden", type=int, default=16, help="encoder observation layer")
     parser.add_argument("--n-new", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3, help="EBE timings: best of this many")
+    parser.add_argument("--laplace-repeats", type=int, default=None,
+                        help="Laplace EBE timings: best of this many (default --repeats)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=1)
@@ -175,16 +252,22 @@ def main() -> None:
     torch.set_default_dtype(dtype)
     device = torch.device(args.device)
 
-    pop = synthetic_pk(n_subjects=args.n_subjects, seed=args.seed)
-    fit_pop, held = split_heldout(pop, args.heldout_fraction, args.seed)
-    fit_pop, held = fit_pop.to(device), held.to(device)
-    model = MODELS[args.model]().to(device)
+    if (args.model == MAIN_JOB) != (args.checkpoint is not None):
+        parser.error(f"--model {MAIN_JOB} goes with --checkpoint (a train.py run), and only it")
+    if args.checkpoint is not None:
+        setup = main_job_setup(args.checkpoint, args.n_new, device)
+        args.population_fit = "checkpoint"
+    else:
+        setup = synthetic_setup(args, device)
+    model, fit_pop, held, new = setup.model, setup.fit_pop, setup.held, setup.new
     est = VariationalEstimator(
         model, guide="amortized", hidden=args.hidden, obs_hidden=args.obs_hidden,
         residual_input=args.residual_input, seed=args.seed,
     )
     est.setup(fit_pop)
-    if args.population_fit == "focei":
+    if args.population_fit == "checkpoint":  # fitted by train.py
+        epoch_seconds, steps_per_epoch, population_fit = [], None, {}
+    elif args.population_fit == "focei":
         start = time.perf_counter()
         focei_fit = fit_focei(model, fit_pop)
         population_fit = {**focei_fit, "seconds": time.perf_counter() - start}
@@ -194,7 +277,7 @@ def main() -> None:
         population_fit = {"seconds": sum(epoch_seconds)}
     print(f"population fit ({args.population_fit}): {population_fit}", flush=True)
 
-    lap_eta = laplace_modes(model, held)
+    lap_eta = laplace_modes(model, held, setup.inner)
     rmse_laplace = rmse(predict(model, held, lap_eta).ipred, held)
     after_fit = heldout_rmse(est, held, rmse_laplace)
     print(f"held-out IPRED RMSE: Laplace {rmse_laplace:.4f}, encoder before its phase "
@@ -212,11 +295,13 @@ def main() -> None:
     print(f"encoder phase: {encoder_seconds:.1f} s, held-out IPRED RMSE "
           f"{final['rmse_ipred_encoder']:.4f}", flush=True)
 
-    new = synthetic_pk(n_subjects=args.n_new, seed=args.seed + 1).to(device)
     with torch.no_grad():
         est.posterior(new.subset(torch.arange(min(100, len(new)), device=device)))  # warm-up
         t_encoder, enc_new = best_time(lambda: est.posterior(new)[0], args.repeats, device)
-    t_laplace, lap_new = best_time(lambda: laplace_modes(model, new), args.repeats, device)
+    laplace_repeats = args.laplace_repeats or args.repeats
+    t_laplace, lap_new = best_time(
+        lambda: laplace_modes(model, new, setup.inner), laplace_repeats, device
+    )
     ipred_enc = predict(model, new, enc_new).ipred
     ipred_lap = predict(model, new, lap_new).ipred
     mask = new.obs_mask
@@ -224,7 +309,8 @@ def main() -> None:
     scale = (ipred_lap[mask] ** 2).mean().sqrt()
     report = {
         "model": args.model,
-        "n_subjects": args.n_subjects,
+        **setup.info,
+        "inner": asdict(setup.inner),
         "population_fit": {"method": args.population_fit, **population_fit},
         "n_fit": len(fit_pop),
         "n_heldout": len(held),
@@ -237,6 +323,7 @@ def main() -> None:
         "steps_per_epoch": steps_per_epoch,
         "seconds_per_epoch": epoch_seconds,
         "encoder_epochs": args.encoder_epochs,
+        "encoder_steps": encoder_steps,
         "encoder_seconds": encoder_seconds,
         "encoder_simulations": args.encoder_simulations,
         "encoder_target": args.encoder_target,
@@ -251,7 +338,8 @@ def main() -> None:
         "heldout_before_encoder_phase": after_fit,
         "heldout_rmse_ipred_encoder": final["rmse_ipred_encoder"],
         "heldout_rmse_ratio": final["ratio_to_laplace"],
-        "n_new": args.n_new,
+        "n_new": len(new),
+        "repeats": {"encoder": args.repeats, "laplace": laplace_repeats},
         "ebe_seconds_encoder": t_encoder,
         "ebe_seconds_laplace": t_laplace,
         "ebe_speedup": t_laplace / t_encoder,

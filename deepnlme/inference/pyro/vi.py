@@ -188,22 +188,30 @@ class VariationalEstimator:
         eps = torch.randn(particles, n, self.model.n_eta, generator=g, dtype=dtype)
         return eps[:, batch.index.cpu()].to(batch.pop.device)
 
-    def q(self, batch: SubjectBatch) -> tuple[Tensor, Tensor]:
+    def population_prediction(self, pop: Population) -> Tensor:
+        """The model at η = 0 for every observation slot of ``pop`` ``(N, T)`` (no gradient):
+        what the encoder reads with ``residual_input``."""
+        with torch.no_grad():
+            eta0 = pop.obs_time.new_zeros(len(pop), self.model.n_eta)
+            return prediction_of(self.model.observe(eta0, pop))
+
+    def q(
+        self, batch: SubjectBatch, reference: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """q(η_i) of the batch's subjects, ``(loc (B, K), scale_tril (B, K, K))``.
 
-        With ``residual_input`` the encoder also reads the population prediction (the model
-        at η = 0, no gradient) of each observation, i.e. the residuals of the typical
-        subject. It speaks in prior SDs (z = L_Ω⁻¹ η) and its output is mapped by the
-        current L_Ω (the gradient flows through L_Ω too: with L_Ω held constant there, fits
-        of the deep compartment model at lr 0.02 ended in a non-finite objective)."""
+        With ``residual_input`` the encoder also reads the population prediction of each
+        observation (:meth:`population_prediction` of the batch, or ``reference`` ``(B, T)``
+        when the caller has it), i.e. the residuals of the typical subject. It speaks in
+        prior SDs (z = L_Ω⁻¹ η) and its output is mapped by the current L_Ω (the gradient
+        flows through L_Ω too: with L_Ω held constant there, fits of the deep compartment
+        model at lr 0.02 ended in a non-finite objective)."""
         if not isinstance(self.guide, AmortizedGuide):
             return self.guide.posterior(batch)
-        reference = None
-        if self.residual_input:
-            pop = batch.pop
-            with torch.no_grad():
-                eta0 = pop.obs_time.new_zeros(len(pop), self.model.n_eta)
-                reference = prediction_of(self.model.observe(eta0, pop))
+        if not self.residual_input:
+            reference = None
+        elif reference is None:
+            reference = self.population_prediction(batch.pop)
         loc, scale_tril = self.guide.posterior(batch, reference)
         prior = eta_scale_tril(self.model)
         return loc @ prior.T, prior @ scale_tril
@@ -325,6 +333,10 @@ class VariationalEstimator:
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         program, self.program = self.program, NLMEProgram(self.model, n)
         laplace = mode_proposal(self.model, pop) if target == "laplace" else None
+        # the model is fixed: the encoder's residual input is computed once, not every step
+        reference = (
+            self.population_prediction(pop) if laplace is not None and self.residual_input else None
+        )
         losses: list[float] = []
         try:
             for p in frozen:
@@ -339,7 +351,9 @@ class VariationalEstimator:
                         loss = self.loss(batch)
                         value = float(loss.detach()) / n
                     else:
-                        loc, scale_tril = self.q(batch)
+                        loc, scale_tril = self.q(
+                            batch, None if reference is None else reference[index]
+                        )
                         mode, mode_tril = laplace[0][index], laplace[1][index]
                         loss = gaussian_kl(loc, scale_tril, mode, mode_tril) + gaussian_kl(
                             mode, mode_tril, loc, scale_tril

@@ -125,14 +125,19 @@ def test_encoder_ignores_padding_and_other_subjects():
     assert torch.equal(scale_tril.triu(1), torch.zeros_like(scale_tril))
 
 
-@pytest.mark.parametrize("target", ["laplace", "elbo"])
-def test_encoder_phase_moves_only_the_encoder_towards_the_exact_posterior(target):
+@pytest.mark.parametrize("target,residual_input", [("laplace", False), ("elbo", False),
+                                                   ("laplace", True)])
+def test_encoder_phase_moves_only_the_encoder_towards_the_exact_posterior(
+    target, residual_input
+):
     """At fixed parameters of the linear model (whose Laplace approximation is the exact
     posterior) the ELBO gap to the exact marginal likelihood shrinks; θ, Ω, σ stay bit for
     bit; simulated copies keep the design and the seed."""
     pop = random_slope_population(n=30)
     model = RandomSlopeModel()
-    est = VariationalEstimator(model, guide="amortized", hidden=16, seed=3)
+    est = VariationalEstimator(
+        model, guide="amortized", hidden=16, seed=3, residual_input=residual_input
+    )
     est.setup(pop)
     exact = exact_loglik(model, pop)
     before = est.elbo_value(pop, particles=256)
@@ -150,6 +155,24 @@ def test_encoder_phase_moves_only_the_encoder_towards_the_exact_posterior(target
     assert after < exact
     for p, q in zip(model.parameters(), fixed, strict=True):
         assert torch.equal(p.detach(), q) and p.requires_grad
+
+
+def test_residual_input_computed_once_equals_per_batch():
+    """q(η) of a minibatch is the same from the population prediction of the whole
+    population (what the encoder phase computes once) as from the batch's own."""
+    pop = dosed_population()
+    model = OneCmtOralModel()
+    est = VariationalEstimator(model, guide="amortized", hidden=8, residual_input=True)
+    est.setup(pop)
+    torch.nn.init.normal_(est.guide.head[-1].weight)  # the output layer starts at zero
+    index = torch.tensor([1])
+    batch = SubjectBatch(index, pop.subset(index))
+    loc, scale_tril = est.q(batch)
+    cached_loc, cached_tril = est.q(batch, est.population_prediction(pop)[index][:, :2])
+    assert torch.equal(loc, cached_loc) and torch.equal(scale_tril, cached_tril)
+    # the residual is an input: another population prediction gives another q
+    other_loc, _ = est.q(batch, 2.0 * est.population_prediction(pop)[index][:, :2])
+    assert not torch.allclose(loc, other_loc, atol=1e-6)
 
 
 def test_gaussian_kl_matches_torch():
