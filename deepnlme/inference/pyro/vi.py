@@ -396,7 +396,7 @@ class VariationalEstimator:
         new subjects or a new regimen can miss the posterior by far, and a poor proposal
         biases the estimate down (the main job's held-out regimen: -1.4e7 from the encoder's
         q against -14.5 from the Laplace approximation)."""
-        if self._is_fitted(pop) and self.guide is not None:
+        if self._is_fitted(pop):
             loc, scale_tril = self.posterior(pop)
         else:
             loc, scale_tril = mode_proposal(self.model, pop)
