@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from deepnlme.inference.laplace import LaplaceEstimator
@@ -106,6 +107,26 @@ def test_main_job_is_the_default(hydra_configs):
     assert cfg.method.estimator.inner.value_differences == 0
     assert cfg.method.estimator.inner.chord_iter == 0
     assert "value_differences" not in compose_train("method=focei").method.estimator.inner
+
+
+def test_main_job_with_vi_has_its_own_settings(hydra_configs):
+    # configs/model_method/neural_pk_vi.yaml: gradient norm clipped by the Lightning trainer,
+    # 4 draws per step, a lower learning rate; other models keep method=vi's defaults
+    cfg = compose("train", ["method=vi"])
+    default = compose_train("method=vi")
+    assert (cfg.method.lr, cfg.method.num_particles) == (0.01, 4)
+    assert cfg.method.estimator.num_particles == 4  # interpolated into the estimator
+    assert cfg.method.epochs < default.method.epochs
+    assert (default.method.lr, default.method.num_particles) == (0.02, 1)
+    assert "gradient_clip_val" not in default.trainer
+    trainer = instantiate(
+        {**build.plain(cfg.trainer), "enable_progress_bar": False}, default_root_dir="/tmp"
+    )
+    assert trainer.gradient_clip_val == 100.0
+    assert trainer.gradient_clip_algorithm == "norm"
+    model, _ = build.build_model(cfg.model, torch.float64)
+    estimator = build.build_estimator(cfg.method, model)
+    assert (estimator.guide_kind, estimator.num_particles) == ("subject", 4)
 
 
 def test_run_dir_default_and_override(hydra_configs):
