@@ -219,17 +219,54 @@ class SAEMFitModule(pl.LightningModule):
         self.estimator.load_state_dict(checkpoint[SAEM_KEY])
 
 
+#: A VI fit is still rising when the least-squares slope of its bound over the last epochs
+#: (PLATEAU_SHARE of them, at least PLATEAU_MIN_EPOCHS) exceeds PLATEAU_Z standard errors
+#: and the rise it makes over them exceeds PLATEAU_NATS and PLATEAU_RELATIVE of the bound.
+PLATEAU_SHARE = 0.1
+PLATEAU_MIN_EPOCHS = 10
+PLATEAU_Z = 3.0
+PLATEAU_NATS = 0.1
+PLATEAU_RELATIVE = 1e-4
+#: ``stop_reason`` of a stochastic fit whose bound was still rising at the end.
+STOP_STILL_RISING = "schedule completed with the bound still rising"
+
+
+def still_rising(bounds: list[float]) -> bool:
+    """Whether the per-epoch bounds ``bounds`` (nats) were still rising at the end: a trend
+    over the last epochs beyond its noise and worth more than a tenth of a nat (False with
+    fewer than PLATEAU_MIN_EPOCHS epochs)."""
+    n = max(PLATEAU_MIN_EPOCHS, math.ceil(PLATEAU_SHARE * len(bounds)))
+    if len(bounds) < n:
+        return False
+    y = torch.tensor(bounds[-n:], dtype=torch.float64)
+    x = torch.arange(n, dtype=torch.float64)
+    x = x - x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    residual = y - y.mean() - slope * x
+    se = math.sqrt(float((residual * residual).sum()) / (n - 2) / float((x * x).sum()))
+    rise = slope * n
+    return slope > PLATEAU_Z * se and rise > max(
+        PLATEAU_NATS, PLATEAU_RELATIVE * abs(float(y.mean()))
+    )
+
+
 class BoundMonitor(Callback):
-    """Records the bound of the last epoch (mean over its steps) and the number of steps."""
+    """Records the bound of each epoch (mean over its steps) and the number of steps.
+
+    A finite VI fit is converged when its bound has levelled off (:func:`still_rising`);
+    SAEM's complete-data log-likelihood is recorded but not judged that way."""
 
     def __init__(self) -> None:
         self.values: list[float] = []
+        self.bounds: list[float] = []
         self.elbo = -math.inf
         self.n_iter = 0
+        self.judge_plateau = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.n_iter += 1
         if isinstance(pl_module, SAEMFitModule):  # the complete-data log-likelihood
+            self.judge_plateau = False
             self.values.append(float(pl_module.estimator.history[-1]["q"]))
             return
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
@@ -238,20 +275,23 @@ class BoundMonitor(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.values:
             self.elbo = sum(self.values) / len(self.values)
+            self.bounds.append(self.elbo)
         self.values = []
 
     def summary(self) -> dict[str, Any]:
+        rising = self.judge_plateau and still_rising(self.bounds)
         return {
-            "converged": math.isfinite(self.elbo),
+            "converged": math.isfinite(self.elbo) and not rising,
             "n_iter": self.n_iter,
-            "stop_reason": "schedule completed",
+            "stop_reason": STOP_STILL_RISING if rising else "schedule completed",
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"elbo": self.elbo, "n_iter": self.n_iter}
+        return {"elbo": self.elbo, "n_iter": self.n_iter, "bounds": list(self.bounds)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.elbo, self.n_iter = state_dict["elbo"], state_dict["n_iter"]
+        self.bounds = list(state_dict.get("bounds", []))
 
 
 def fit_stochastic(
@@ -335,7 +375,13 @@ def fit_stochastic(
         save_convergence_plot(
             estimator.history, Path(output_dir) / "saem_convergence.png", estimator.n_explore
         )
-    return trainer, {**monitor.summary(), "fit_seconds": timer.seconds, **finished}
+    summary = monitor.summary()
+    if summary["stop_reason"] == STOP_STILL_RISING:
+        summary["warnings"] = [
+            "the fit did not converge: its bound was still rising over the last epochs "
+            f"(ELBO {monitor.elbo:.6g}); fit longer (method.epochs) or check the learning rate"
+        ]
+    return trainer, {**summary, "fit_seconds": timer.seconds, **finished}
 
 
 def _run_nuts(
@@ -416,6 +462,7 @@ __all__ = [
     "NonFiniteObjective",
     "SAEMFitModule",
     "STOCHASTIC",
+    "STOP_STILL_RISING",
     "StochasticFitModule",
     "SubjectDataModule",
     "SubjectSampler",

@@ -18,7 +18,12 @@ from deepnlme.data import load_dataset
 from deepnlme.inference.pyro.saem import SAEMEstimator
 from deepnlme.inference.pyro.vi import VariationalEstimator
 from deepnlme.model.zoo.pk import OneCmtOralModel
-from deepnlme.training.stochastic import SubjectSampler, fit_stochastic
+from deepnlme.training.stochastic import (
+    STOP_STILL_RISING,
+    SubjectSampler,
+    fit_stochastic,
+    still_rising,
+)
 from tests.test_cli import ROOT, in_process_error, run, train
 
 
@@ -211,3 +216,29 @@ def test_vi_writes_elbo_and_predicts_new_subjects_with_the_encoder(tmp_path, in_
     fit_ebes = pd.read_csv(tmp_path / "fit" / "ebes.csv")
     new_ebes = pd.read_csv(tmp_path / "pred" / "ebes.csv")
     assert new_ebes["eta_cl"].to_numpy() == pytest.approx(fit_ebes["eta_cl"].to_numpy())
+
+
+def test_still_rising_is_a_trend_of_the_last_epochs_beyond_its_noise():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(100, generator=g, dtype=torch.float64).tolist()
+    flat = [-180.0 + 0.5 * e for e in noise]
+    rising = [-200.0 + 0.5 * i + 0.5 * e for i, e in enumerate(noise)]
+    assert not still_rising(flat)
+    assert still_rising(rising)
+    assert not still_rising(rising[:9])  # fewer than 10 epochs: no judgement
+    assert not still_rising([-180.0 + 0.0005 * i for i in range(100)])  # 0.005 nats: level
+    falling = [-b - 400.0 for b in rising]
+    assert not still_rising(falling)
+
+
+def test_a_vi_fit_stopped_while_its_bound_rises_is_not_converged(tmp_path):
+    pop = load_dataset("theophylline")
+    est = VariationalEstimator(OneCmtOralModel(), guide="subject", num_particles=8, seed=5)
+    method = {**METHOD, "epochs": 20, "lr": 0.01}  # 20 full-batch steps: far from the optimum
+    _, summary = fit_stochastic(method, TRAINER, est, pop, None, 7, torch.float64, tmp_path,
+                                {})
+    assert summary["n_iter"] == 20 and not summary["converged"]
+    assert summary["stop_reason"] == STOP_STILL_RISING
+    assert summary["warnings"][0].startswith(
+        "the fit did not converge: its bound was still rising over the last epochs"
+    )
