@@ -1,7 +1,8 @@
 """Marginal log-likelihood by importance sampling, for any NLME model at fixed parameters.
 
 For each subject i, with a proposal q_i(η) (a multivariate Student-t centred on the mode η̂_i
-with scale from the Hessian there, or on a guide's q(η_i)),
+with scale from the Hessian there, or on a guide's q(η_i) — then mixed half and half with the
+former, a defensive component),
 
     p(y_i) = E_q[ p(y_i | η) p(η) / q_i(η) ]  ≈  (1/S) Σ_s w_is,
 
@@ -82,6 +83,42 @@ def _student_t(
     return eta, log_q
 
 
+def _student_t_log_prob(eta: Tensor, loc: Tensor, scale_tril: Tensor, df: float) -> Tensor:
+    """Log density ``(S, N)`` of draws ``eta`` ``(S, N, K)`` under the multivariate t(df,
+    loc ``(N, K)``, scale_tril ``(N, K, K)``) of each subject."""
+    k = loc.shape[-1]
+    diff = (eta - loc).unsqueeze(-1)  # (S, N, K, 1)
+    u = torch.linalg.solve_triangular(scale_tril.expand(eta.shape[0], -1, -1, -1), diff,
+                                      upper=False)[..., 0]
+    maha = (u * u).sum(-1)
+    logdet = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
+    return (
+        math.lgamma((df + k) / 2.0)
+        - math.lgamma(df / 2.0)
+        - 0.5 * k * math.log(df * math.pi)
+        - logdet
+        - 0.5 * (df + k) * torch.log1p(maha / df)
+    )
+
+
+def _mixture_draws(
+    components: list[tuple[Tensor, Tensor]], df: float, n: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``n`` draws ``(n, N, K)``, an equal share from each t component (stratified), and
+    their log density under the equal-weight mixture ``(n, N)`` (the balance heuristic of
+    multiple importance sampling: unbiased whichever component a draw came from)."""
+    if len(components) == 1:
+        loc, scale_tril = components[0]
+        return _student_t(loc, scale_tril, df, n, generator)
+    counts = [n // len(components) + (c < n % len(components)) for c in range(len(components))]
+    eta = torch.cat([
+        _student_t(loc, scale_tril, df, m, generator)[0]
+        for (loc, scale_tril), m in zip(components, counts, strict=True) if m
+    ])
+    log_q = torch.stack([_student_t_log_prob(eta, loc, tril, df) for loc, tril in components])
+    return eta, torch.logsumexp(log_q, 0) - math.log(len(components))
+
+
 @torch.no_grad()
 def importance_loglik(
     model: NLMEModel,
@@ -91,6 +128,7 @@ def importance_loglik(
     n_samples: int = 2000,
     df: float = 5.0,
     seed: int = 0,
+    defensive: tuple[Tensor, Tensor] | None = None,
 ) -> ImportanceResult:
     """log p(y) of ``pop`` by importance sampling from per-subject multivariate t proposals.
 
@@ -101,6 +139,9 @@ def importance_loglik(
         df: degrees of freedom of the Student-t proposal (heavy tails keep the weights'
             variance finite when q is narrower than the posterior).
         seed: the draws are reproducible for a seed (torch's global state is untouched).
+        defensive: a second ``(loc, scale_tril)`` (e.g. the Laplace approximation beside a
+            guide's q): half the draws come from each, weighted by their equal mixture, so
+            that a proposal that misses the posterior cannot ruin the estimate.
     """
     if n_samples < 2:
         raise ValueError(f"importance sampling needs n_samples >= 2, got {n_samples}")
@@ -116,7 +157,10 @@ def importance_loglik(
     done = 0
     while done < n_samples:
         s = min(chunk, n_samples - done)
-        eta, log_q = _student_t(loc.detach(), scale_tril.detach(), df, s, generator)
+        components = [(loc.detach(), scale_tril.detach())]
+        if defensive is not None:
+            components.append((defensive[0].detach(), defensive[1].detach()))
+        eta, log_q = _mixture_draws(components, df, s, generator)
         rows = pop.subset(torch.arange(n, device=pop.device).repeat(s)) if s > 1 else pop
         nll = joint(eta.reshape(s * n, k), rows).nll.reshape(s, n)
         log_w.append(-nll - log_q)
@@ -141,17 +185,20 @@ def importance_loglik(
 
 def proposal(
     model: NLMEModel, estimator, pop: Population, eta: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The importance proposal's ``(loc, scale_tril)`` for ``pop``: the estimator's own
-    posterior approximation q(η_i) when it has one (``estimator.posterior(pop)``, e.g. a
-    variational guide), else the Laplace approximation at the modes (:func:`mode_proposal`,
-    searched from ``eta``)."""
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    """The importance proposal for ``pop``: ``(main, defensive)``, each ``(loc, scale_tril)``.
+
+    With a posterior approximation of the estimator's own (``estimator.posterior(pop)``,
+    e.g. a variational guide): q(η_i), with the Laplace approximation at the modes searched
+    from q's means as the defensive half (an encoder's q can miss a posterior by far). Else
+    the Laplace approximation at the modes searched from ``eta`` (:func:`mode_proposal`),
+    and no defensive component."""
     posterior = getattr(estimator, "posterior", None)
     if posterior is not None:
         with torch.no_grad():
             loc, scale_tril = posterior(pop)
-        return loc.detach(), scale_tril.detach()
-    return mode_proposal(model, pop, eta)
+        return (loc.detach(), scale_tril.detach()), mode_proposal(model, pop, loc)
+    return mode_proposal(model, pop, eta), None
 
 
 def importance_summary(model: NLMEModel, estimator, evaluation, cfg) -> dict[str, float]:
@@ -160,8 +207,10 @@ def importance_summary(model: NLMEModel, estimator, evaluation, cfg) -> dict[str
     ``cfg.loglik_is_samples`` draws per subject, ``cfg.loglik_is_df`` degrees of freedom and
     ``cfg.seed`` (run-config keys)."""
     pop = evaluation.population
-    loc, scale_tril = proposal(model, estimator, pop, evaluation.eta)
+    (loc, scale_tril), defensive = proposal(model, estimator, pop, evaluation.eta)
     n_samples = int(cfg.get("loglik_is_samples", 2000))
     df = float(cfg.get("loglik_is_df", 5.0))
     seed = int(cfg.get("seed", 0) or 0)
-    return importance_loglik(model, pop, loc, scale_tril, n_samples, df, seed).summary()
+    return importance_loglik(
+        model, pop, loc, scale_tril, n_samples, df, seed, defensive
+    ).summary()

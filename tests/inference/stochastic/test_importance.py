@@ -46,3 +46,25 @@ def test_linear_gaussian_model_is_exact_with_any_proposal():
     result = importance_loglik(model, pop, loc, scale_tril, n_samples=4000, seed=3)
     assert abs(result.loglik - exact) < 4 * result.se + 1e-9
     assert math.isfinite(result.se) and result.se > 0
+
+
+def test_a_defensive_laplace_component_rescues_a_proposal_that_misses():
+    """A proposal far off and too narrow (as an encoder's q on unlike subjects) gives a
+    log-likelihood far too low; mixed half and half with the Laplace approximation the
+    estimate is exact within its SE, and the mixture's density is right (a perfect pair of
+    proposals gives the exact value)."""
+    pop = random_slope_population(n=8)
+    model = RandomSlopeModel()
+    exact = exact_loglik(model, pop)
+    k = model.n_eta
+    laplace = mode_proposal(model, pop)
+    off = (laplace[0] + 3.0, 0.05 * torch.eye(k, dtype=laplace[1].dtype).expand(len(pop), k, k))
+    alone = importance_loglik(model, pop, *off, n_samples=2000, seed=3)
+    mixed = importance_loglik(model, pop, *off, n_samples=2000, seed=3, defensive=laplace)
+    assert alone.loglik < exact - 50
+    assert abs(mixed.loglik - exact) < 4 * mixed.se + 1e-6
+    assert mixed.se < 0.2
+    twice = importance_loglik(model, pop, *laplace, n_samples=2000, seed=3, defensive=laplace)
+    single = importance_loglik(model, pop, *laplace, n_samples=2000, seed=3)
+    assert abs(twice.loglik - exact) < 4 * twice.se + 1e-6
+    assert twice.se == pytest.approx(single.se, rel=0.3)
