@@ -426,11 +426,12 @@ def _dopri5_grid(
     error (RMS of ``err / (atol + rtol·|x|)``) is at most 1. Steps stop only at the ends of
     the smooth pieces (:func:`_pieces`: doses, infusion starts and ends, resets); the states
     at the other segment ends (observations) come from the 4th-order dense output of the step
-    that covers them. All subjects advance together, one step each per iteration, until the
-    last one is done. Rows of one of ``groups`` take the steps of the group's first row (which
-    are those it takes alone: a value does not depend on the batch it is evaluated in). Step
-    sizes are not differentiated; the last step of a piece ends at its end time
-    (differentiable where event times are, e.g. lag times).
+    that covers them, all computed together after the last step (:func:`_dense_outputs`).
+    All subjects advance together, one step each per iteration, until the last one is done.
+    Rows of one of ``groups`` take the steps of the group's first row (which are those it
+    takes alone: a value does not depend on the batch it is evaluated in). Step sizes are not
+    differentiated; the last step of a piece ends at its end time (differentiable where event
+    times are, e.g. lag times).
     """
     n, n_seg = start.shape
     n_cmt = x0.shape[-1]
@@ -440,13 +441,11 @@ def _dopri5_grid(
     timed = end.requires_grad  # event times depend on parameters: differentiate the last steps
     rows = torch.arange(n, device=x0.device)
     e_vec = torch.tensor(_E, dtype=x0.dtype, device=x0.device)
-    d_vec = torch.tensor(_D, dtype=x0.dtype, device=x0.device)
+    c_vec = torch.tensor(_C[:5], dtype=x0.dtype, device=x0.device)
     rtol, atol = options.rtol, options.atol
     with torch.no_grad():
         end_d = end.detach()
         last_of = _pieces(start.detach(), end_d, rate, keep, jump)
-        index = torch.arange(n_seg, device=x0.device).expand(n, n_seg)
-        end_pad = torch.cat([end_d, end_d.new_full((n, 1), torch.inf)], 1)
     rate_now = [None if rate is None else rate[:, 0]]
     if groups is not None and groups.numel():  # each row follows its group's first row
         first = torch.full((int(groups.max()) + 1,), n, dtype=torch.long, device=x0.device)
@@ -475,11 +474,6 @@ def _dopri5_grid(
 
         return g_sub
 
-    def next_end(nxt: Tensor, piece_last: Tensor) -> Tensor:
-        """End time ``(N,)`` of the next segment to output inside the piece (inf if none)."""
-        return torch.where(nxt < piece_last, end_pad[rows, nxt], torch.inf)
-
-    nxt = torch.zeros(n, dtype=torch.long, device=x0.device)  # first segment not yet output
     piece_last = last_of[:, 0]
     x = x0 if keep is None else torch.where(keep[:, 0, None], x0, 0.0)
     t = start[:, 0] if timed else start[:, 0].detach()
@@ -488,10 +482,9 @@ def _dopri5_grid(
     with torch.no_grad():
         td, t_end_d = t.detach(), t_end.detach()
         h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
-        wanted = next_end(nxt, piece_last)
     done = torch.zeros(n, dtype=torch.bool, device=x0.device)
     out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
-    dense_rows, dense_cols, dense_coef, dense_theta = [], [], [], []  # inside: dense output
+    steps = _StepRecord()  # every iteration, for the dense output inside the pieces
     for _ in range(options.max_steps):
         with torch.no_grad():
             left = t_end_d - td
@@ -499,40 +492,21 @@ def _dopri5_grid(
             step_d = torch.where(last, left, h)
         step = torch.where(last, t_end - t, step_d) if timed else step_d
         hl = step[:, None]
+        times = torch.addcmul(t[:, None], hl, c_vec)  # (N, 5): stages 2-6; t + step last
         ks = [k1]
-        for c, a in zip(_C[:5], _A[:5], strict=True):
-            ks.append(g(torch.add(t, step, alpha=c), torch.addcmul(x, hl, _weighted(a, ks))))
+        for j, a in enumerate(_A[:5]):
+            ks.append(g(times[:, j], torch.addcmul(x, hl, _weighted(a, ks))))
         x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
-        t_new = t + step
+        t_new = times[:, 4]
         ks.append(g(t_new, x_new))
         with torch.no_grad():
-            err = step_d[:, None] * (torch.stack(ks, -1) @ e_vec)
-            scale = torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
-            ratio = shared((err / scale).pow_(2).mean(-1).sqrt_())
+            q = (torch.stack(ks, -1) @ e_vec).div_(
+                torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
+            )
+            ratio = shared(torch.linalg.vector_norm(q, dim=-1).mul_(step_d / n_cmt**0.5))
             ok = ratio <= 1.0  # False where not finite
             td_new = td + step_d
-            outputs = ok & ((wanted <= td_new) | (last & (nxt < piece_last)))
-        if bool(outputs.any()):  # observations inside the step: dense output
-            with torch.no_grad():
-                inside = (
-                    outputs[:, None]
-                    & (index >= nxt[:, None])
-                    & (index < piece_last[:, None])
-                    & ((end_d <= td_new[:, None]) | last[:, None])
-                )
-                r_i, c_i = inside.nonzero(as_tuple=True)
-                s_i = step_d[r_i]
-                theta = ((end_d[r_i, c_i] - td[r_i]) / torch.where(s_i > 0, s_i, 1.0)).clamp_(0, 1)
-                nxt = nxt + inside.sum(1)
-                wanted = next_end(nxt, piece_last)
-            if timed:  # θ carries the derivative of the observation time
-                theta = (end[r_i, c_i] - t[r_i]) / torch.where(s_i > 0, step[r_i], 1.0)
-            dense_rows.append(r_i)
-            dense_cols.append(c_i)
-            dense_theta.append(theta)
-            stages = torch.stack([k[r_i] for k in ks], -1)  # (M, C, 7)
-            coef = _dense_coefficients(x[r_i], x_new[r_i], stages, step[r_i], d_vec)
-            dense_coef.append(coef)
+        steps.add(t, td, step, step_d, ok, last, piece_last, x, x_new, ks)
         all_ok = bool(ok.all())
         if all_ok:  # the common case: no selection needed
             x, k1, td = x_new, ks[6], td_new
@@ -561,8 +535,8 @@ def _dopri5_grid(
         out_cols.append(piece_last[cross_rows])
         out_vals.append(x[cross_rows])
         with torch.no_grad():
-            nxt = torch.where(crossed, piece_last + 1, nxt)
-            done = nxt >= n_seg
+            nxt = piece_last + 1
+            done = done | (crossed & (nxt >= n_seg))
             if bool(done.all()):
                 break
             first = nxt.clamp(max=n_seg - 1)
@@ -584,13 +558,78 @@ def _dopri5_grid(
             left = t_end_d[idx] - td[idx]
             h0 = _initial_step(g_moved, td[idx], x[idx].detach(), k1_moved.detach(), left, options)
             h = shared(h.index_put((idx,), h0))
-            wanted = next_end(nxt, piece_last)
     else:
         raise RuntimeError(f"dopri5: more than {options.max_steps} steps")
     rows_all, cols_all, vals = out_rows, out_cols, out_vals
-    if dense_rows:
-        theta = torch.cat(dense_theta)
-        vals = [*vals, _dense_states(torch.cat(dense_coef), theta)]
-        rows_all, cols_all = [*rows_all, *dense_rows], [*cols_all, *dense_cols]
+    dense = steps.dense_outputs(end, end_d, last_of, timed)
+    if dense is not None:
+        rows_all, cols_all = [*rows_all, dense[0]], [*cols_all, dense[1]]
+        vals = [*vals, dense[2]]
     states = x0.new_zeros(n, n_seg, n_cmt)
     return states.index_put((torch.cat(rows_all), torch.cat(cols_all)), torch.cat(vals))
+
+
+class _StepRecord:
+    """The steps of :func:`_dopri5_grid`, one entry per iteration (all rows, accepted or not),
+    from which the states at the segment ends inside the pieces are read after the last step:
+    each from the first accepted step of its piece that reaches it."""
+
+    def __init__(self):
+        self.t, self.td, self.step, self.step_d = [], [], [], []
+        self.ok, self.last, self.piece, self.x, self.x_new, self.stages = [], [], [], [], [], []
+
+    def add(self, t, td, step, step_d, ok, last, piece, x, x_new, stages) -> None:
+        """One iteration: start times ``t`` (``td`` detached), step sizes ``step``
+        (``step_d`` detached), ``ok`` accepted, ``last`` the last step of its piece,
+        ``piece`` index of the piece's last segment (all ``(N,)``), start and end states
+        ``x``, ``x_new`` ``(N, C)`` and the seven stages ``(N, C)``."""
+        for store, v in zip(
+            (self.t, self.td, self.step, self.step_d, self.ok, self.last, self.piece),
+            (t, td, step, step_d, ok, last, piece),
+            strict=True,
+        ):
+            store.append(v)
+        self.x.append(x)
+        self.x_new.append(x_new)
+        self.stages.append(stages)
+
+    def dense_outputs(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool):
+        """``(rows, cols, states)``: the states ``(M, C)`` at the ends of the segments inside
+        a piece (``last_of`` ``(N, K)`` differs from the segment's index), each from the dense
+        output of the first accepted step of its piece that reaches its end time (or is the
+        piece's last step); None if there are none."""
+        n, n_seg = last_of.shape
+        with torch.no_grad():
+            r_i, c_i = (last_of != torch.arange(n_seg, device=last_of.device)).nonzero(
+                as_tuple=True
+            )
+            if not r_i.numel():
+                return None
+            # Keys increasing along each row's steps: piece·W + time since the row's first
+            # event (W above any row's time span), the piece's last step W/2 into its piece,
+            # rejected steps -inf; carried forward by cummax, so that the first step whose
+            # key reaches an output's key is the first accepted step of its piece reaching it.
+            td, step_d = torch.stack(self.td, 1), torch.stack(self.step_d, 1)  # (N, J)
+            t0 = end_d.amin(1, keepdim=True)
+            width = 2.0 * float((end_d - t0).max()) + 2.0
+            reach = torch.where(torch.stack(self.last, 1), 0.5 * width, td + step_d - t0)
+            key = torch.stack(self.piece, 1) * width + reach
+            key = torch.where(torch.stack(self.ok, 1), key, -torch.inf).cummax(1).values
+            wanted = last_of * width + (end_d - t0)  # (N, K)
+            j_i = torch.searchsorted(key, wanted)[r_i, c_i]  # (M,) the covering steps
+            s_i = step_d[r_i, j_i]
+            safe = torch.where(s_i > 0, s_i, 1.0)
+            theta = ((end_d[r_i, c_i] - td[r_i, j_i]) / safe).clamp_(0, 1)
+        if timed:  # θ carries the derivative of the observation time
+            t = torch.stack(self.t)[j_i, r_i]
+            step = torch.stack(self.step)[j_i, r_i]
+            theta = (end[r_i, c_i] - t) / torch.where(s_i > 0, step, 1.0)
+        x0 = torch.stack(self.x)[j_i, r_i]
+        x1 = torch.stack(self.x_new)[j_i, r_i]
+        stages = torch.stack(
+            [torch.stack([ks[s] for ks in self.stages])[j_i, r_i] for s in range(7)], -1
+        )  # (M, C, 7)
+        step = torch.stack(self.step)[j_i, r_i] if timed else s_i
+        d_vec = torch.tensor(_D, dtype=x0.dtype, device=x0.device)
+        coef = _dense_coefficients(x0, x1, stages, step, d_vec)
+        return r_i, c_i, _dense_states(coef, theta)
