@@ -308,6 +308,8 @@ def integrate(
     keep: Tensor | None = None,
     jump: Tensor | None = None,
     groups: Tensor | None = None,
+    plan: StepPlan | None = None,
+    record: list | None = None,
 ) -> Tensor:
     """States ``(N, K, C)`` at the end of each of the ``K`` segments, all subjects at once.
 
@@ -324,11 +326,16 @@ def integrate(
             (copies of one subject at nearby parameters, e.g. the points of a difference
             quotient) take the steps of its first row, so that differences between them are
             smooth. Default: every row its own steps.
+        plan: ``dopri5`` only: take these steps (:class:`StepPlan`, from an earlier solve of
+            the same event grids) instead of choosing them.
+        record: ``dopri5`` only: a list that receives the :class:`StepPlan` of this solve.
     """
     n_seg = start.shape[1]
     method = options.method
     if method == "dopri5" and not options.adjoint:
-        return _dopri5_grid(rhs, indiv, x0, start, length, rate, options, keep, jump, groups)
+        return _dopri5_grid(
+            rhs, indiv, x0, start, length, rate, options, keep, jump, groups, plan, record
+        )
     needed = (length.detach() > 0).any(0).tolist() if length.numel() else [False] * n_seg
     own = not options.adjoint and method in FIXED
     steps = fixed_steps(options, length) if method in FIXED and own else None
@@ -408,6 +415,20 @@ def _initial_step(g, t: Tensor, x: Tensor, f0: Tensor, left: Tensor, options) ->
     return torch.where(torch.isfinite(h) & (h > 0), h, left).clamp(min=1e-12)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The accepted steps of an adaptive solve, per row, to be taken again: ``step`` ``(N, J)``
+    step sizes (time units) in order, ``last`` ``(N, J)`` True where a step ends its piece
+    (and on the padding after a row's last step)."""
+
+    step: Tensor
+    last: Tensor
+
+    def rows(self, index: Tensor) -> StepPlan:
+        """The plan of the rows ``index``."""
+        return StepPlan(self.step[index], self.last[index])
+
+
 def _dopri5_grid(
     rhs: Rhs,
     indiv: Mapping[str, Tensor],
@@ -419,6 +440,8 @@ def _dopri5_grid(
     keep: Tensor | None,
     jump: Tensor | None,
     groups: Tensor | None = None,
+    plan: StepPlan | None = None,
+    record: list | None = None,
 ) -> Tensor:
     """:func:`integrate` by adaptive Dormand–Prince 5(4) with step control per subject.
 
@@ -431,7 +454,9 @@ def _dopri5_grid(
     Rows of one of ``groups`` take the steps of the group's first row (which are those it
     takes alone: a value does not depend on the batch it is evaluated in). Step sizes are not
     differentiated; the last step of a piece ends at its end time (differentiable where event
-    times are, e.g. lag times).
+    times are, e.g. lag times). With a ``plan`` the rows take its steps instead (no error
+    estimate, no step control: for solves of nearby parameters on the same event grids, e.g.
+    the iterations of a mode search); ``record`` receives this solve's plan.
     """
     n, n_seg = start.shape
     n_cmt = x0.shape[-1]
@@ -481,15 +506,23 @@ def _dopri5_grid(
     k1 = g(t, x)
     with torch.no_grad():
         td, t_end_d = t.detach(), t_end.detach()
-        h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
+        if plan is None:
+            h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
+        else:
+            all_rows = torch.ones(n, dtype=torch.bool, device=x0.device)
     done = torch.zeros(n, dtype=torch.bool, device=x0.device)
     out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
     steps = _StepRecord()  # every iteration, for the dense output inside the pieces
-    for _ in range(options.max_steps):
+    for it in range(options.max_steps):
         with torch.no_grad():
             left = t_end_d - td
-            last = h >= left * (1.0 - 1e-12)
-            step_d = torch.where(last, left, h)
+            if plan is None:
+                last = h >= left * (1.0 - 1e-12)
+                step_d = torch.where(last, left, h)
+            else:  # the planned step; a piece's last step ends exactly at its end
+                j = min(it, plan.step.shape[1] - 1)
+                last = plan.last[:, j]
+                step_d = torch.where(last, left, plan.step[:, j])
         step = torch.where(last, t_end - t, step_d) if timed else step_d
         hl = step[:, None]
         times = torch.addcmul(t[:, None], hl, c_vec)  # (N, 5): stages 2-6; t + step last
@@ -500,14 +533,16 @@ def _dopri5_grid(
         t_new = times[:, 4]
         ks.append(g(t_new, x_new))
         with torch.no_grad():
-            q = (torch.stack(ks, -1) @ e_vec).div_(
-                torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
-            )
-            ratio = shared(torch.linalg.vector_norm(q, dim=-1).mul_(step_d / n_cmt**0.5))
-            ok = ratio <= 1.0  # False where not finite
             td_new = td + step_d
+            if plan is None:
+                err = (e_vec @ torch.stack(ks).reshape(7, -1)).view_as(x_new)
+                q = err.div_(torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol))
+                ratio = shared(torch.linalg.vector_norm(q, dim=-1).mul_(step_d / n_cmt**0.5))
+                ok = ratio <= 1.0  # False where not finite
+            else:
+                ok = all_rows
         steps.add(t, td, step, step_d, ok, last, piece_last, x, x_new, ks)
-        all_ok = bool(ok.all())
+        all_ok = plan is not None or bool(ok.all())
         if all_ok:  # the common case: no selection needed
             x, k1, td = x_new, ks[6], td_new
             t = t_new if timed else td
@@ -518,10 +553,12 @@ def _dopri5_grid(
             td = torch.where(ok, td_new, td)
             t = torch.where(ok, t_new, t) if timed else td
         with torch.no_grad():  # per-subject step control
-            factor = (0.9 * ratio.clamp(min=1e-10) ** -0.2).nan_to_num_(0.2).clamp_(0.2, 10.0)
-            h = torch.where(ok & last & (factor >= 1.0), h, step_d * factor)
-            if options.max_step is not None:
-                h = h.clamp(max=options.max_step)
+            if plan is None:
+                factor = ratio.clamp(min=1e-10).pow_(-0.2).mul_(0.9)
+                factor = factor.nan_to_num_(0.2).clamp_(0.2, 10.0)
+                h = torch.where(ok & last & (factor >= 1.0), h, step_d * factor)
+                if options.max_step is not None:
+                    h = h.clamp(max=options.max_step)
             crossed = ok & last & ~done
             if not all_ok and bool((~ok & (h < 1e-12 * (1.0 + td.abs()))).any()):
                 raise RuntimeError("dopri5: non-finite state; step size underflow")
@@ -555,11 +592,15 @@ def _dopri5_grid(
         k1 = k1.index_put((idx,), k1_moved)
         with torch.no_grad():
             td, t_end_d = t.detach(), t_end.detach()
-            left = t_end_d[idx] - td[idx]
-            h0 = _initial_step(g_moved, td[idx], x[idx].detach(), k1_moved.detach(), left, options)
-            h = shared(h.index_put((idx,), h0))
+            if plan is None:
+                left = t_end_d[idx] - td[idx]
+                x_m, k1_m = x[idx].detach(), k1_moved.detach()
+                h0 = _initial_step(g_moved, td[idx], x_m, k1_m, left, options)
+                h = shared(h.index_put((idx,), h0))
     else:
         raise RuntimeError(f"dopri5: more than {options.max_steps} steps")
+    if record is not None:
+        record.append(steps.plan())
     rows_all, cols_all, vals = out_rows, out_cols, out_vals
     dense = steps.dense_outputs(end, end_d, last_of, timed)
     if dense is not None:
@@ -592,6 +633,19 @@ class _StepRecord:
         self.x.append(x)
         self.x_new.append(x_new)
         self.stages.append(stages)
+
+    def plan(self) -> StepPlan:
+        """The accepted steps of every row, in order (:class:`StepPlan`)."""
+        with torch.no_grad():
+            ok = torch.stack(self.ok, 1)  # (N, J)
+            r_i, j_i = ok.nonzero(as_tuple=True)
+            pos = (ok.cumsum(1) - 1)[r_i, j_i]
+            width = int(pos.max()) + 2 if pos.numel() else 1  # one padding step at least
+            step = ok.new_zeros(ok.shape[0], width, dtype=self.step_d[0].dtype)
+            last = ok.new_ones(ok.shape[0], width)
+            step[r_i, pos] = torch.stack(self.step_d, 1)[r_i, j_i]
+            last[r_i, pos] = torch.stack(self.last, 1)[r_i, j_i]
+        return StepPlan(step, last)
 
     def dense_outputs(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool):
         """``(rows, cols, states)``: the states ``(M, C)`` at the ends of the segments inside

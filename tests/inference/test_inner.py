@@ -70,8 +70,10 @@ def test_chord_steps_stop_subjects_that_do_not_improve():
     first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-8))
     with torch.no_grad():
         model.tvcl.raw += 0.2
-    eta, done = chord_steps(joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions())
-    assert not bool(done.any())
+    eta, done, predicted = chord_steps(
+        joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions()
+    )
+    assert not bool(done.any()) and not bool(predicted.any())
     torch.testing.assert_close(eta, first.eta, rtol=0, atol=0)
 
 
