@@ -99,13 +99,17 @@ _E = (
 )
 
 
-def _weighted(coeffs, ks) -> Tensor | None:
-    """``Σ c_j k_j`` over the nonzero coefficients (None if all are zero)."""
-    acc = None
-    for c, k in zip(coeffs, ks, strict=False):
-        if c != 0.0:
-            acc = c * k if acc is None else torch.add(acc, k, alpha=c)
-    return acc
+# The nonzero coefficients ``((a_ij, j), ...)`` of each row of :data:`_A`.
+_A_NONZERO = tuple(tuple((a, j) for j, a in enumerate(row) if a != 0.0) for row in _A)
+
+
+def _stage_state(x: Tensor, hl: Tensor, row, ks: list[Tensor]) -> Tensor:
+    """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`)."""
+    (a0, j0), *rest = row
+    acc = ks[j0] * a0
+    for a, j in rest:
+        acc = torch.add(acc, ks[j], alpha=a)
+    return torch.addcmul(x, hl, acc)
 
 
 # Dense output of Dormand–Prince (Hairer, Nørsett & Wanner, DOPRI5's CONTD5): the state at
@@ -120,19 +124,6 @@ _D = (
     -1453857185.0 / 822651844.0,
     69997945.0 / 29380423.0,
 )
-
-
-def _dopri5_stages(g, x: Tensor, t: Tensor, step: Tensor, k1: Tensor) -> list[Tensor]:
-    """The seven stages ``[k1, ..., k7]`` of one Dormand–Prince step from ``x`` ``(N, C)`` at
-    real times ``t`` over ``step`` (both ``(N,)``, time units); ``k7 = g(x_new)`` and ``x_new``
-    is the last element + 1 (returned as ``ks[7]``)."""
-    hl = step[:, None]
-    ks = [k1]
-    for c, a in zip(_C[:5], _A[:5], strict=True):
-        ks.append(g(torch.add(t, step, alpha=c), torch.addcmul(x, hl, _weighted(a, ks))))
-    x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
-    ks.append(g(t + step, x_new))
-    return [*ks, x_new]
 
 
 def _dense_coefficients(x0: Tensor, x1: Tensor, stages: Tensor, step: Tensor, d: Tensor):
@@ -482,9 +473,15 @@ def _dopri5_grid(
         """``v`` ``(N,)`` with every row's value replaced by its group's first row's."""
         return v if lead is None else v[lead]
 
-    def g(t: Tensor, x: Tensor) -> Tensor:
-        f = rhs(t, x, indiv)
-        return f if rate_now[0] is None else f + rate_now[0]
+    if rate is None:  # the field is the right-hand side
+
+        def g(t: Tensor, x: Tensor) -> Tensor:
+            return rhs(t, x, indiv)
+
+    else:  # plus the current segment's input
+
+        def g(t: Tensor, x: Tensor) -> Tensor:
+            return rhs(t, x, indiv) + rate_now[0]
 
     def g_at(idx: Tensor):
         """The field of the rows ``idx`` only (``t``, ``x`` of those rows)."""
@@ -527,9 +524,9 @@ def _dopri5_grid(
         hl = step[:, None]
         times = torch.addcmul(t[:, None], hl, c_vec)  # (N, 5): stages 2-6; t + step last
         ks = [k1]
-        for j, a in enumerate(_A[:5]):
-            ks.append(g(times[:, j], torch.addcmul(x, hl, _weighted(a, ks))))
-        x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
+        for j, row in enumerate(_A_NONZERO[:5]):
+            ks.append(g(times[:, j], _stage_state(x, hl, row, ks)))
+        x_new = _stage_state(x, hl, _A_NONZERO[5], ks)
         t_new = times[:, 4]
         ks.append(g(t_new, x_new))
         with torch.no_grad():
