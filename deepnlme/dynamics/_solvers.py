@@ -103,6 +103,16 @@ _E = (
 _A_NONZERO = tuple(tuple((a, j) for j, a in enumerate(row) if a != 0.0) for row in _A)
 
 
+def _stage_sum(coeffs, ks: list[Tensor]) -> Tensor:
+    """``Σ c_j k_j`` over the nonzero coefficients ``coeffs``."""
+    terms = [(c, k) for c, k in zip(coeffs, ks, strict=True) if c != 0.0]
+    (c0, k0), *rest = terms
+    acc = k0 * c0
+    for c, k in rest:
+        acc = torch.add(acc, k, alpha=c)
+    return acc
+
+
 def _stage_state(x: Tensor, hl: Tensor, row, ks: list[Tensor]) -> Tensor:
     """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`)."""
     (a0, j0), *rest = row
@@ -126,15 +136,15 @@ _D = (
 )
 
 
-def _dense_coefficients(x0: Tensor, x1: Tensor, stages: Tensor, step: Tensor, d: Tensor):
+def _dense_coefficients(x0: Tensor, x1: Tensor, k1: Tensor, k7: Tensor, dense: Tensor, step):
     """``(M, 5, C)``: the coefficients ``[x0, r2, r3, r4, r5]`` of the dense output of steps
-    from ``x0`` to ``x1`` (``(M, C)``) with ``stages`` ``(M, C, 7)`` over ``step`` ``(M,)``;
-    ``d`` ``(7,)`` holds :data:`_D`."""
+    from ``x0`` to ``x1`` (``(M, C)``) over ``step`` ``(M,)`` with first and last stages
+    ``k1``, ``k7`` and ``dense`` = Σ_j d_j k_j (:data:`_D`), all ``(M, C)``."""
     hl = step[:, None]
     r2 = x1 - x0
-    r3 = torch.addcmul(-r2, hl, stages[..., 0])
-    r4 = torch.addcmul(r2 - r3, hl, stages[..., 6], value=-1.0)
-    return torch.stack([x0, r2, r3, r4, hl * (stages @ d)], 1)
+    r3 = torch.addcmul(-r2, hl, k1)
+    r4 = torch.addcmul(r2 - r3, hl, k7, value=-1.0)
+    return torch.stack([x0, r2, r3, r4, hl * dense], 1)
 
 
 def _dense_states(coefficients: Tensor, theta: Tensor) -> Tensor:
@@ -456,7 +466,7 @@ def _dopri5_grid(
     end = start + length
     timed = end.requires_grad  # event times depend on parameters: differentiate the last steps
     rows = torch.arange(n, device=x0.device)
-    e_vec = torch.tensor(_E, dtype=x0.dtype, device=x0.device)
+    e_d = torch.tensor([_E, _D], dtype=x0.dtype, device=x0.device)  # error, dense output
     c_vec = torch.tensor(_C[:5], dtype=x0.dtype, device=x0.device)
     rtol, atol = options.rtol, options.atol
     with torch.no_grad():
@@ -509,7 +519,7 @@ def _dopri5_grid(
             all_rows = torch.ones(n, dtype=torch.bool, device=x0.device)
     done = torch.zeros(n, dtype=torch.bool, device=x0.device)
     out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
-    steps = _StepRecord()  # every iteration, for the dense output inside the pieces
+    steps = _StepRecord(end, end_d, last_of, timed, DENSE_WINDOW)  # dense output in pieces
     for it in range(options.max_steps):
         with torch.no_grad():
             left = t_end_d - td
@@ -531,14 +541,17 @@ def _dopri5_grid(
         ks.append(g(t_new, x_new))
         with torch.no_grad():
             td_new = td + step_d
+            dense = None
             if plan is None:
-                err = (e_vec @ torch.stack(ks).reshape(7, -1)).view_as(x_new)
+                err, mixed = (e_d @ torch.stack(ks).reshape(7, -1)).view(2, *x_new.shape)
+                if not x_new.requires_grad:  # else from the stages, with their graph
+                    dense = mixed
                 q = err.div_(torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol))
                 ratio = shared(torch.linalg.vector_norm(q, dim=-1).mul_(step_d / n_cmt**0.5))
                 ok = ratio <= 1.0  # False where not finite
             else:
                 ok = all_rows
-        steps.add(t, td, step, step_d, ok, last, piece_last, x, x_new, ks)
+        steps.add(t, td, step, step_d, ok, last, piece_last, x, x_new, ks, dense)
         all_ok = plan is not None or bool(ok.all())
         if all_ok:  # the common case: no selection needed
             x, k1, td = x_new, ks[6], td_new
@@ -599,7 +612,7 @@ def _dopri5_grid(
     if record is not None:
         record.append(steps.plan())
     rows_all, cols_all, vals = out_rows, out_cols, out_vals
-    dense = steps.dense_outputs(end, end_d, last_of, timed)
+    dense = steps.outputs()
     if dense is not None:
         rows_all, cols_all = [*rows_all, dense[0]], [*cols_all, dense[1]]
         vals = [*vals, dense[2]]
@@ -607,29 +620,112 @@ def _dopri5_grid(
     return states.index_put((torch.cat(rows_all), torch.cat(cols_all)), torch.cat(vals))
 
 
+#: Steps whose states are kept at a time for the dense output (see :class:`_StepRecord`).
+DENSE_WINDOW = 64
+
+
 class _StepRecord:
     """The steps of :func:`_dopri5_grid`, one entry per iteration (all rows, accepted or not),
-    from which the states at the segment ends inside the pieces are read after the last step:
-    each from the first accepted step of its piece that reaches it."""
+    from which the states at the segment ends inside the pieces (``last_of`` ``(N, K)``
+    differs from the segment's index: observations) are read by dense output, each from the
+    first accepted step of its piece that reaches its end time (or is the piece's last step).
+    The states of the steps are kept for a window of ``window`` iterations at a time: the
+    outputs that the window's steps cover are computed together when it is full, so that
+    memory does not grow with the number of steps where no graph keeps them anyway.
 
-    def __init__(self):
-        self.t, self.td, self.step, self.step_d = [], [], [], []
-        self.ok, self.last, self.piece, self.x, self.x_new, self.stages = [], [], [], [], [], []
+    Keys that increase along each row's steps find the covering steps by one search:
+    piece·W + time since the row's first event (W above any row's time span), the piece's
+    last step W/2 into its piece, rejected steps -inf, carried forward by a running maximum.
+    """
 
-    def add(self, t, td, step, step_d, ok, last, piece, x, x_new, stages) -> None:
+    def __init__(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool, window=64):
+        self.end, self.end_d, self.last_of, self.timed, self.window = (
+            end,
+            end_d,
+            last_of,
+            timed,
+            window,
+        )
+        n, n_seg = last_of.shape
+        with torch.no_grad():
+            self.pending = last_of != torch.arange(n_seg, device=last_of.device)  # (N, K)
+            self.t0 = end_d.amin(1, keepdim=True)
+            self.width = 2.0 * float((end_d - self.t0).max()) + 2.0 if n else 2.0
+            self.wanted = last_of * self.width + (end_d - self.t0)  # (N, K)
+            self.carry = end_d.new_full((n, 1), -torch.inf)
+        self.td, self.step_d, self.ok, self.last, self.piece = [], [], [], [], []  # all steps
+        self.t, self.step, self.states = [], [], []  # the current window's steps
+        self.rows, self.cols, self.vals = [], [], []  # the outputs so far
+
+    def add(self, t, td, step, step_d, ok, last, piece, x, x_new, ks, dense=None) -> None:
         """One iteration: start times ``t`` (``td`` detached), step sizes ``step``
         (``step_d`` detached), ``ok`` accepted, ``last`` the last step of its piece,
         ``piece`` index of the piece's last segment (all ``(N,)``), start and end states
-        ``x``, ``x_new`` ``(N, C)`` and the seven stages ``(N, C)``."""
+        ``x``, ``x_new`` ``(N, C)``, the seven stages ``ks`` ``(N, C)`` and, if computed,
+        ``dense`` ``(N, C)`` = Σ_j d_j k_j (:data:`_D`; else taken from ``ks``)."""
         for store, v in zip(
-            (self.t, self.td, self.step, self.step_d, self.ok, self.last, self.piece),
-            (t, td, step, step_d, ok, last, piece),
+            (self.td, self.step_d, self.ok, self.last, self.piece, self.t, self.step),
+            (td, step_d, ok, last, piece, t, step),
             strict=True,
         ):
             store.append(v)
-        self.x.append(x)
-        self.x_new.append(x_new)
-        self.stages.append(stages)
+        self.states.append((x, x_new, ks[0], ks[6], ks if dense is None else dense))
+        if len(self.states) >= self.window:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The outputs covered by the window's steps; then the window is emptied."""
+        size = len(self.states)
+        if not size:
+            return
+        first = len(self.td) - size
+        with torch.no_grad():
+            td = torch.stack(self.td[first:], 1)  # (N, J)
+            step_d = torch.stack(self.step_d[first:], 1)
+            last = torch.stack(self.last[first:], 1)
+            reach = torch.where(last, 0.5 * self.width, td + step_d - self.t0)
+            key = torch.stack(self.piece[first:], 1) * self.width + reach
+            key = torch.where(torch.stack(self.ok[first:], 1), key, -torch.inf)
+            key = torch.cat([self.carry, key], 1).cummax(1).values
+            self.carry = key[:, -1:]
+            covered = self.pending & (self.wanted <= self.carry)
+            r_i, c_i = covered.nonzero(as_tuple=True)
+            self.pending = self.pending & ~covered
+            if r_i.numel():
+                j_i = torch.searchsorted(key, self.wanted)[r_i, c_i] - 1  # in the window
+                s_i = step_d[r_i, j_i]
+                safe = torch.where(s_i > 0, s_i, 1.0)
+                theta = ((self.end_d[r_i, c_i] - td[r_i, j_i]) / safe).clamp_(0, 1)
+        if r_i.numel():
+            step = s_i
+            if self.timed:  # θ carries the derivative of the observation time
+                t = torch.stack(self.t)[j_i, r_i]
+                step = torch.stack(self.step)[j_i, r_i]
+                theta = (self.end[r_i, c_i] - t) / torch.where(s_i > 0, step, 1.0)
+            x0, x1, k1, k7 = (
+                torch.stack([st[m] for st in self.states])[j_i, r_i] for m in range(4)
+            )
+            dense = self._dense_term(j_i, r_i)
+            coef = _dense_coefficients(x0, x1, k1, k7, dense, step)
+            self.rows.append(r_i)
+            self.cols.append(c_i)
+            self.vals.append(_dense_states(coef, theta))
+        self.t, self.step, self.states = [], [], []
+
+    def _dense_term(self, j_i: Tensor, r_i: Tensor) -> Tensor:
+        """Σ_j d_j k_j ``(M, C)`` of the window's steps ``j_i`` for rows ``r_i``."""
+        if not isinstance(self.states[0][4], list):
+            return torch.stack([st[4] for st in self.states])[j_i, r_i]
+        ks = [torch.stack([st[4][s] for st in self.states])[j_i, r_i] for s in range(7)]
+        return _stage_sum(_D, ks)
+
+    def outputs(self):
+        """``(rows, cols, states)`` of all outputs (``(M,)``, ``(M,)``, ``(M, C)``), None if
+        there are none."""
+        self._flush()
+        if not self.rows:
+            return None
+        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.vals)
 
     def plan(self) -> StepPlan:
         """The accepted steps of every row, in order (:class:`StepPlan`)."""
@@ -643,44 +739,3 @@ class _StepRecord:
             step[r_i, pos] = torch.stack(self.step_d, 1)[r_i, j_i]
             last[r_i, pos] = torch.stack(self.last, 1)[r_i, j_i]
         return StepPlan(step, last)
-
-    def dense_outputs(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool):
-        """``(rows, cols, states)``: the states ``(M, C)`` at the ends of the segments inside
-        a piece (``last_of`` ``(N, K)`` differs from the segment's index), each from the dense
-        output of the first accepted step of its piece that reaches its end time (or is the
-        piece's last step); None if there are none."""
-        n, n_seg = last_of.shape
-        with torch.no_grad():
-            r_i, c_i = (last_of != torch.arange(n_seg, device=last_of.device)).nonzero(
-                as_tuple=True
-            )
-            if not r_i.numel():
-                return None
-            # Keys increasing along each row's steps: piece·W + time since the row's first
-            # event (W above any row's time span), the piece's last step W/2 into its piece,
-            # rejected steps -inf; carried forward by cummax, so that the first step whose
-            # key reaches an output's key is the first accepted step of its piece reaching it.
-            td, step_d = torch.stack(self.td, 1), torch.stack(self.step_d, 1)  # (N, J)
-            t0 = end_d.amin(1, keepdim=True)
-            width = 2.0 * float((end_d - t0).max()) + 2.0
-            reach = torch.where(torch.stack(self.last, 1), 0.5 * width, td + step_d - t0)
-            key = torch.stack(self.piece, 1) * width + reach
-            key = torch.where(torch.stack(self.ok, 1), key, -torch.inf).cummax(1).values
-            wanted = last_of * width + (end_d - t0)  # (N, K)
-            j_i = torch.searchsorted(key, wanted)[r_i, c_i]  # (M,) the covering steps
-            s_i = step_d[r_i, j_i]
-            safe = torch.where(s_i > 0, s_i, 1.0)
-            theta = ((end_d[r_i, c_i] - td[r_i, j_i]) / safe).clamp_(0, 1)
-        if timed:  # θ carries the derivative of the observation time
-            t = torch.stack(self.t)[j_i, r_i]
-            step = torch.stack(self.step)[j_i, r_i]
-            theta = (end[r_i, c_i] - t) / torch.where(s_i > 0, step, 1.0)
-        x0 = torch.stack(self.x)[j_i, r_i]
-        x1 = torch.stack(self.x_new)[j_i, r_i]
-        stages = torch.stack(
-            [torch.stack([ks[s] for ks in self.stages])[j_i, r_i] for s in range(7)], -1
-        )  # (M, C, 7)
-        step = torch.stack(self.step)[j_i, r_i] if timed else s_i
-        d_vec = torch.tensor(_D, dtype=x0.dtype, device=x0.device)
-        coef = _dense_coefficients(x0, x1, stages, step, d_vec)
-        return r_i, c_i, _dense_states(coef, theta)

@@ -272,3 +272,26 @@ def test_reused_steps(make_pop, make_dose):
     error_reused, error_own = ((s[..., 1] - ref).abs().max() for s in (reused, own["near"]))
     assert error_own < 1e-4 * ref.abs().max() and error_reused < 2.0 * error_own
     assert getattr(dyn, "_step_memory", None) is None  # forgotten after the block
+
+
+@pytest.mark.parametrize("window", [1, 7])
+def test_dense_output_in_windows_of_steps(make_pop, make_dose, monkeypatch, window):
+    """The observations read from the steps kept a window at a time equal those read from
+    all steps at once, values and gradients (doses, an infusion, a reset)."""
+    from deepnlme.dynamics import _solvers
+
+    pop = mm_population(make_pop, make_dose)
+    dyn = two_cmt_mm_dynamics(rtol=1e-6, atol=1e-8)
+
+    def solve():
+        indiv = {k: torch.tensor(v, requires_grad=True) for k, v in MM_INDIV.items()}
+        out = dyn(indiv, pop)
+        return out, torch.autograd.grad(out[..., 1].sum(), list(indiv.values()))
+
+    monkeypatch.setattr(_solvers, "DENSE_WINDOW", 10_000)
+    whole, grads = solve()
+    monkeypatch.setattr(_solvers, "DENSE_WINDOW", window)
+    windowed, grads_windowed = solve()
+    assert torch.equal(windowed, whole)
+    for a, b in zip(grads_windowed, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
