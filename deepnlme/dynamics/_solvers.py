@@ -621,7 +621,7 @@ def _dopri5_grid(
 
 
 #: Steps whose states are kept at a time for the dense output (see :class:`_StepRecord`).
-DENSE_WINDOW = 64
+DENSE_WINDOW = 16
 
 
 class _StepRecord:
@@ -638,7 +638,7 @@ class _StepRecord:
     last step W/2 into its piece, rejected steps -inf, carried forward by a running maximum.
     """
 
-    def __init__(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool, window=64):
+    def __init__(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool, window=16):
         self.end, self.end_d, self.last_of, self.timed, self.window = (
             end,
             end_d,
