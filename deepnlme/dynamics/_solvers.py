@@ -519,7 +519,8 @@ def _dopri5_grid(
             all_rows = torch.ones(n, dtype=torch.bool, device=x0.device)
     done = torch.zeros(n, dtype=torch.bool, device=x0.device)
     out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
-    steps = _StepRecord(end, end_d, last_of, timed, DENSE_WINDOW)  # dense output in pieces
+    window = max(DENSE_WINDOW, DENSE_BUDGET // (5 * n * n_cmt))
+    steps = _StepRecord(end, end_d, last_of, timed, window)  # dense output inside the pieces
     for it in range(options.max_steps):
         with torch.no_grad():
             left = t_end_d - td
@@ -620,8 +621,10 @@ def _dopri5_grid(
     return states.index_put((torch.cat(rows_all), torch.cat(cols_all)), torch.cat(vals))
 
 
-#: Steps whose states are kept at a time for the dense output (see :class:`_StepRecord`).
+#: Fewest steps whose states are kept at a time for the dense output (:class:`_StepRecord`);
+#: more while they hold at most :data:`DENSE_BUDGET` numbers (small batches: one window).
 DENSE_WINDOW = 16
+DENSE_BUDGET = 2**22
 
 
 class _StepRecord:
