@@ -343,6 +343,7 @@ class LinearCompartmentModel(Dynamics):
         w_dose = w_dose * doses.amount[..., None, None]
         return torch.einsum("ntdk,ndkc->ntc", b, w_dose)
 
+
     def bolus_amounts(
         self, indiv: Mapping[str, Tensor], pop: Population, doses: Doses, names: Sequence[str]
     ) -> dict[str, Tensor] | None:
