@@ -86,9 +86,10 @@ class _StepMemory:
 
     A solve takes the remembered steps when every row's subject has some, on the same event
     grid, with individual parameters within ``spread`` (relative) of those they were chosen
-    for: the local error of a step of a 5th-order method grows as (rate·step)⁵, so 10% off
-    the rates keeps it within ~1.6× the tolerance. Otherwise the solve chooses its own steps
-    and they are remembered.
+    for. The local error of a step grows as (rate·step)⁵, which a few percent hardly change;
+    but where the steps sit at the stability limit (fast absorption, long after the dose) a
+    rate a few percent faster makes them unstable: with 9% the states of such a subject ran
+    away. Otherwise the solve chooses its own steps and they are remembered.
     """
 
     def __init__(self, spread: float = 0.02):
@@ -270,7 +271,7 @@ class OdeDynamics(Dynamics):
     @contextmanager
     def reusing_steps(self) -> Iterator[OdeDynamics]:
         """Within this block, a ``dopri5`` solve of subjects solved before in it, on the same
-        event grids and at nearby individual parameters (within 10%), takes the steps chosen
+        event grids and at nearby individual parameters (within 2%), takes the steps chosen
         then instead of choosing them again (no error estimate, no step control): for the
         many solves of a mode search, in which only the random effects move. Values then
         change smoothly with the parameters between solves (the same discretization), with
