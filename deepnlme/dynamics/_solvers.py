@@ -99,13 +99,27 @@ _E = (
 )
 
 
-def _weighted(coeffs, ks) -> Tensor | None:
-    """``Σ c_j k_j`` over the nonzero coefficients (None if all are zero)."""
-    acc = None
-    for c, k in zip(coeffs, ks, strict=False):
-        if c != 0.0:
-            acc = c * k if acc is None else torch.add(acc, k, alpha=c)
+# The nonzero coefficients ``((a_ij, j), ...)`` of each row of :data:`_A`.
+_A_NONZERO = tuple(tuple((a, j) for j, a in enumerate(row) if a != 0.0) for row in _A)
+
+
+def _stage_sum(coeffs, ks: list[Tensor]) -> Tensor:
+    """``Σ c_j k_j`` over the nonzero coefficients ``coeffs``."""
+    terms = [(c, k) for c, k in zip(coeffs, ks, strict=True) if c != 0.0]
+    (c0, k0), *rest = terms
+    acc = k0 * c0
+    for c, k in rest:
+        acc = torch.add(acc, k, alpha=c)
     return acc
+
+
+def _stage_state(x: Tensor, hl: Tensor, row, ks: list[Tensor]) -> Tensor:
+    """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`)."""
+    (a0, j0), *rest = row
+    acc = ks[j0] * a0
+    for a, j in rest:
+        acc = torch.add(acc, ks[j], alpha=a)
+    return torch.addcmul(x, hl, acc)
 
 
 # Dense output of Dormand–Prince (Hairer, Nørsett & Wanner, DOPRI5's CONTD5): the state at
@@ -122,28 +136,15 @@ _D = (
 )
 
 
-def _dopri5_stages(g, x: Tensor, t: Tensor, step: Tensor, k1: Tensor) -> list[Tensor]:
-    """The seven stages ``[k1, ..., k7]`` of one Dormand–Prince step from ``x`` ``(N, C)`` at
-    real times ``t`` over ``step`` (both ``(N,)``, time units); ``k7 = g(x_new)`` and ``x_new``
-    is the last element + 1 (returned as ``ks[7]``)."""
-    hl = step[:, None]
-    ks = [k1]
-    for c, a in zip(_C[:5], _A[:5], strict=True):
-        ks.append(g(torch.add(t, step, alpha=c), torch.addcmul(x, hl, _weighted(a, ks))))
-    x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
-    ks.append(g(t + step, x_new))
-    return [*ks, x_new]
-
-
-def _dense_coefficients(x0: Tensor, x1: Tensor, stages: Tensor, step: Tensor, d: Tensor):
+def _dense_coefficients(x0: Tensor, x1: Tensor, k1: Tensor, k7: Tensor, dense: Tensor, step):
     """``(M, 5, C)``: the coefficients ``[x0, r2, r3, r4, r5]`` of the dense output of steps
-    from ``x0`` to ``x1`` (``(M, C)``) with ``stages`` ``(M, C, 7)`` over ``step`` ``(M,)``;
-    ``d`` ``(7,)`` holds :data:`_D`."""
+    from ``x0`` to ``x1`` (``(M, C)``) over ``step`` ``(M,)`` with first and last stages
+    ``k1``, ``k7`` and ``dense`` = Σ_j d_j k_j (:data:`_D`), all ``(M, C)``."""
     hl = step[:, None]
     r2 = x1 - x0
-    r3 = torch.addcmul(-r2, hl, stages[..., 0])
-    r4 = torch.addcmul(r2 - r3, hl, stages[..., 6], value=-1.0)
-    return torch.stack([x0, r2, r3, r4, hl * (stages @ d)], 1)
+    r3 = torch.addcmul(-r2, hl, k1)
+    r4 = torch.addcmul(r2 - r3, hl, k7, value=-1.0)
+    return torch.stack([x0, r2, r3, r4, hl * dense], 1)
 
 
 def _dense_states(coefficients: Tensor, theta: Tensor) -> Tensor:
@@ -308,6 +309,8 @@ def integrate(
     keep: Tensor | None = None,
     jump: Tensor | None = None,
     groups: Tensor | None = None,
+    plan: StepPlan | None = None,
+    record: list | None = None,
 ) -> Tensor:
     """States ``(N, K, C)`` at the end of each of the ``K`` segments, all subjects at once.
 
@@ -324,11 +327,16 @@ def integrate(
             (copies of one subject at nearby parameters, e.g. the points of a difference
             quotient) take the steps of its first row, so that differences between them are
             smooth. Default: every row its own steps.
+        plan: ``dopri5`` only: take these steps (:class:`StepPlan`, from an earlier solve of
+            the same event grids) instead of choosing them.
+        record: ``dopri5`` only: a list that receives the :class:`StepPlan` of this solve.
     """
     n_seg = start.shape[1]
     method = options.method
     if method == "dopri5" and not options.adjoint:
-        return _dopri5_grid(rhs, indiv, x0, start, length, rate, options, keep, jump, groups)
+        return _dopri5_grid(
+            rhs, indiv, x0, start, length, rate, options, keep, jump, groups, plan, record
+        )
     needed = (length.detach() > 0).any(0).tolist() if length.numel() else [False] * n_seg
     own = not options.adjoint and method in FIXED
     steps = fixed_steps(options, length) if method in FIXED and own else None
@@ -408,6 +416,20 @@ def _initial_step(g, t: Tensor, x: Tensor, f0: Tensor, left: Tensor, options) ->
     return torch.where(torch.isfinite(h) & (h > 0), h, left).clamp(min=1e-12)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The accepted steps of an adaptive solve, per row, to be taken again: ``step`` ``(N, J)``
+    step sizes (time units) in order, ``last`` ``(N, J)`` True where a step ends its piece
+    (and on the padding after a row's last step)."""
+
+    step: Tensor
+    last: Tensor
+
+    def rows(self, index: Tensor) -> StepPlan:
+        """The plan of the rows ``index``."""
+        return StepPlan(self.step[index], self.last[index])
+
+
 def _dopri5_grid(
     rhs: Rhs,
     indiv: Mapping[str, Tensor],
@@ -419,6 +441,8 @@ def _dopri5_grid(
     keep: Tensor | None,
     jump: Tensor | None,
     groups: Tensor | None = None,
+    plan: StepPlan | None = None,
+    record: list | None = None,
 ) -> Tensor:
     """:func:`integrate` by adaptive Dormand–Prince 5(4) with step control per subject.
 
@@ -426,11 +450,14 @@ def _dopri5_grid(
     error (RMS of ``err / (atol + rtol·|x|)``) is at most 1. Steps stop only at the ends of
     the smooth pieces (:func:`_pieces`: doses, infusion starts and ends, resets); the states
     at the other segment ends (observations) come from the 4th-order dense output of the step
-    that covers them. All subjects advance together, one step each per iteration, until the
-    last one is done. Rows of one of ``groups`` take the steps of the group's first row (which
-    are those it takes alone: a value does not depend on the batch it is evaluated in). Step
-    sizes are not differentiated; the last step of a piece ends at its end time
-    (differentiable where event times are, e.g. lag times).
+    that covers them, all computed together after the last step (:func:`_dense_outputs`).
+    All subjects advance together, one step each per iteration, until the last one is done.
+    Rows of one of ``groups`` take the steps of the group's first row (which are those it
+    takes alone: a value does not depend on the batch it is evaluated in). Step sizes are not
+    differentiated; the last step of a piece ends at its end time (differentiable where event
+    times are, e.g. lag times). With a ``plan`` the rows take its steps instead (no error
+    estimate, no step control: for solves of nearby parameters on the same event grids, e.g.
+    the iterations of a mode search); ``record`` receives this solve's plan.
     """
     n, n_seg = start.shape
     n_cmt = x0.shape[-1]
@@ -439,14 +466,12 @@ def _dopri5_grid(
     end = start + length
     timed = end.requires_grad  # event times depend on parameters: differentiate the last steps
     rows = torch.arange(n, device=x0.device)
-    e_vec = torch.tensor(_E, dtype=x0.dtype, device=x0.device)
-    d_vec = torch.tensor(_D, dtype=x0.dtype, device=x0.device)
+    e_d = torch.tensor([_E, _D], dtype=x0.dtype, device=x0.device)  # error, dense output
+    c_vec = torch.tensor(_C[:5], dtype=x0.dtype, device=x0.device)
     rtol, atol = options.rtol, options.atol
     with torch.no_grad():
         end_d = end.detach()
         last_of = _pieces(start.detach(), end_d, rate, keep, jump)
-        index = torch.arange(n_seg, device=x0.device).expand(n, n_seg)
-        end_pad = torch.cat([end_d, end_d.new_full((n, 1), torch.inf)], 1)
     rate_now = [None if rate is None else rate[:, 0]]
     if groups is not None and groups.numel():  # each row follows its group's first row
         first = torch.full((int(groups.max()) + 1,), n, dtype=torch.long, device=x0.device)
@@ -458,9 +483,15 @@ def _dopri5_grid(
         """``v`` ``(N,)`` with every row's value replaced by its group's first row's."""
         return v if lead is None else v[lead]
 
-    def g(t: Tensor, x: Tensor) -> Tensor:
-        f = rhs(t, x, indiv)
-        return f if rate_now[0] is None else f + rate_now[0]
+    if rate is None:  # the field is the right-hand side
+
+        def g(t: Tensor, x: Tensor) -> Tensor:
+            return rhs(t, x, indiv)
+
+    else:  # plus the current segment's input
+
+        def g(t: Tensor, x: Tensor) -> Tensor:
+            return rhs(t, x, indiv) + rate_now[0]
 
     def g_at(idx: Tensor):
         """The field of the rows ``idx`` only (``t``, ``x`` of those rows)."""
@@ -475,11 +506,6 @@ def _dopri5_grid(
 
         return g_sub
 
-    def next_end(nxt: Tensor, piece_last: Tensor) -> Tensor:
-        """End time ``(N,)`` of the next segment to output inside the piece (inf if none)."""
-        return torch.where(nxt < piece_last, end_pad[rows, nxt], torch.inf)
-
-    nxt = torch.zeros(n, dtype=torch.long, device=x0.device)  # first segment not yet output
     piece_last = last_of[:, 0]
     x = x0 if keep is None else torch.where(keep[:, 0, None], x0, 0.0)
     t = start[:, 0] if timed else start[:, 0].detach()
@@ -487,53 +513,47 @@ def _dopri5_grid(
     k1 = g(t, x)
     with torch.no_grad():
         td, t_end_d = t.detach(), t_end.detach()
-        h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
-        wanted = next_end(nxt, piece_last)
+        if plan is None:
+            h = shared(_initial_step(g, td, x.detach(), k1.detach(), t_end_d - td, options))
+        else:
+            all_rows = torch.ones(n, dtype=torch.bool, device=x0.device)
     done = torch.zeros(n, dtype=torch.bool, device=x0.device)
     out_rows, out_cols, out_vals = [], [], []  # piece ends: exact states
-    dense_rows, dense_cols, dense_coef, dense_theta = [], [], [], []  # inside: dense output
-    for _ in range(options.max_steps):
+    window = max(DENSE_WINDOW, DENSE_BUDGET // (5 * n * n_cmt))
+    steps = _StepRecord(end, end_d, last_of, timed, window)  # dense output inside the pieces
+    for it in range(options.max_steps):
         with torch.no_grad():
             left = t_end_d - td
-            last = h >= left * (1.0 - 1e-12)
-            step_d = torch.where(last, left, h)
+            if plan is None:
+                last = h >= left * (1.0 - 1e-12)
+                step_d = torch.where(last, left, h)
+            else:  # the planned step; a piece's last step ends exactly at its end
+                j = min(it, plan.step.shape[1] - 1)
+                last = plan.last[:, j]
+                step_d = torch.where(last, left, plan.step[:, j])
         step = torch.where(last, t_end - t, step_d) if timed else step_d
         hl = step[:, None]
+        times = torch.addcmul(t[:, None], hl, c_vec)  # (N, 5): stages 2-6; t + step last
         ks = [k1]
-        for c, a in zip(_C[:5], _A[:5], strict=True):
-            ks.append(g(torch.add(t, step, alpha=c), torch.addcmul(x, hl, _weighted(a, ks))))
-        x_new = torch.addcmul(x, hl, _weighted(_A[5], ks))
-        t_new = t + step
+        for j, row in enumerate(_A_NONZERO[:5]):
+            ks.append(g(times[:, j], _stage_state(x, hl, row, ks)))
+        x_new = _stage_state(x, hl, _A_NONZERO[5], ks)
+        t_new = times[:, 4]
         ks.append(g(t_new, x_new))
         with torch.no_grad():
-            err = step_d[:, None] * (torch.stack(ks, -1) @ e_vec)
-            scale = torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol)
-            ratio = shared((err / scale).pow_(2).mean(-1).sqrt_())
-            ok = ratio <= 1.0  # False where not finite
             td_new = td + step_d
-            outputs = ok & ((wanted <= td_new) | (last & (nxt < piece_last)))
-        if bool(outputs.any()):  # observations inside the step: dense output
-            with torch.no_grad():
-                inside = (
-                    outputs[:, None]
-                    & (index >= nxt[:, None])
-                    & (index < piece_last[:, None])
-                    & ((end_d <= td_new[:, None]) | last[:, None])
-                )
-                r_i, c_i = inside.nonzero(as_tuple=True)
-                s_i = step_d[r_i]
-                theta = ((end_d[r_i, c_i] - td[r_i]) / torch.where(s_i > 0, s_i, 1.0)).clamp_(0, 1)
-                nxt = nxt + inside.sum(1)
-                wanted = next_end(nxt, piece_last)
-            if timed:  # θ carries the derivative of the observation time
-                theta = (end[r_i, c_i] - t[r_i]) / torch.where(s_i > 0, step[r_i], 1.0)
-            dense_rows.append(r_i)
-            dense_cols.append(c_i)
-            dense_theta.append(theta)
-            stages = torch.stack([k[r_i] for k in ks], -1)  # (M, C, 7)
-            coef = _dense_coefficients(x[r_i], x_new[r_i], stages, step[r_i], d_vec)
-            dense_coef.append(coef)
-        all_ok = bool(ok.all())
+            dense = None
+            if plan is None:
+                err, mixed = (e_d @ torch.stack(ks).reshape(7, -1)).view(2, *x_new.shape)
+                if not x_new.requires_grad:  # else from the stages, with their graph
+                    dense = mixed
+                q = err.div_(torch.maximum(x.abs(), x_new.abs()).mul_(rtol).add_(atol))
+                ratio = shared(torch.linalg.vector_norm(q, dim=-1).mul_(step_d / n_cmt**0.5))
+                ok = ratio <= 1.0  # False where not finite
+            else:
+                ok = all_rows
+        steps.add(t, td, step, step_d, ok, last, piece_last, x, x_new, ks, dense)
+        all_ok = plan is not None or bool(ok.all())
         if all_ok:  # the common case: no selection needed
             x, k1, td = x_new, ks[6], td_new
             t = t_new if timed else td
@@ -544,10 +564,12 @@ def _dopri5_grid(
             td = torch.where(ok, td_new, td)
             t = torch.where(ok, t_new, t) if timed else td
         with torch.no_grad():  # per-subject step control
-            factor = (0.9 * ratio.clamp(min=1e-10) ** -0.2).nan_to_num_(0.2).clamp_(0.2, 10.0)
-            h = torch.where(ok & last & (factor >= 1.0), h, step_d * factor)
-            if options.max_step is not None:
-                h = h.clamp(max=options.max_step)
+            if plan is None:
+                factor = ratio.clamp(min=1e-10).pow_(-0.2).mul_(0.9)
+                factor = factor.nan_to_num_(0.2).clamp_(0.2, 10.0)
+                h = torch.where(ok & last & (factor >= 1.0), h, step_d * factor)
+                if options.max_step is not None:
+                    h = h.clamp(max=options.max_step)
             crossed = ok & last & ~done
             if not all_ok and bool((~ok & (h < 1e-12 * (1.0 + td.abs()))).any()):
                 raise RuntimeError("dopri5: non-finite state; step size underflow")
@@ -561,8 +583,8 @@ def _dopri5_grid(
         out_cols.append(piece_last[cross_rows])
         out_vals.append(x[cross_rows])
         with torch.no_grad():
-            nxt = torch.where(crossed, piece_last + 1, nxt)
-            done = nxt >= n_seg
+            nxt = piece_last + 1
+            done = done | (crossed & (nxt >= n_seg))
             if bool(done.all()):
                 break
             first = nxt.clamp(max=n_seg - 1)
@@ -581,16 +603,142 @@ def _dopri5_grid(
         k1 = k1.index_put((idx,), k1_moved)
         with torch.no_grad():
             td, t_end_d = t.detach(), t_end.detach()
-            left = t_end_d[idx] - td[idx]
-            h0 = _initial_step(g_moved, td[idx], x[idx].detach(), k1_moved.detach(), left, options)
-            h = shared(h.index_put((idx,), h0))
-            wanted = next_end(nxt, piece_last)
+            if plan is None:
+                left = t_end_d[idx] - td[idx]
+                x_m, k1_m = x[idx].detach(), k1_moved.detach()
+                h0 = _initial_step(g_moved, td[idx], x_m, k1_m, left, options)
+                h = shared(h.index_put((idx,), h0))
     else:
         raise RuntimeError(f"dopri5: more than {options.max_steps} steps")
+    if record is not None:
+        record.append(steps.plan())
     rows_all, cols_all, vals = out_rows, out_cols, out_vals
-    if dense_rows:
-        theta = torch.cat(dense_theta)
-        vals = [*vals, _dense_states(torch.cat(dense_coef), theta)]
-        rows_all, cols_all = [*rows_all, *dense_rows], [*cols_all, *dense_cols]
+    dense = steps.outputs()
+    if dense is not None:
+        rows_all, cols_all = [*rows_all, dense[0]], [*cols_all, dense[1]]
+        vals = [*vals, dense[2]]
     states = x0.new_zeros(n, n_seg, n_cmt)
     return states.index_put((torch.cat(rows_all), torch.cat(cols_all)), torch.cat(vals))
+
+
+#: Fewest steps whose states are kept at a time for the dense output (:class:`_StepRecord`);
+#: more while they hold at most :data:`DENSE_BUDGET` numbers (small batches: one window).
+DENSE_WINDOW = 16
+DENSE_BUDGET = 2**22
+
+
+class _StepRecord:
+    """The steps of :func:`_dopri5_grid`, one entry per iteration (all rows, accepted or not),
+    from which the states at the segment ends inside the pieces (``last_of`` ``(N, K)``
+    differs from the segment's index: observations) are read by dense output, each from the
+    first accepted step of its piece that reaches its end time (or is the piece's last step).
+    The states of the steps are kept for a window of ``window`` iterations at a time: the
+    outputs that the window's steps cover are computed together when it is full, so that
+    memory does not grow with the number of steps where no graph keeps them anyway.
+
+    Keys that increase along each row's steps find the covering steps by one search:
+    piece·W + time since the row's first event (W above any row's time span), the piece's
+    last step W/2 into its piece, rejected steps -inf, carried forward by a running maximum.
+    """
+
+    def __init__(self, end: Tensor, end_d: Tensor, last_of: Tensor, timed: bool, window=16):
+        self.end, self.end_d, self.last_of, self.timed, self.window = (
+            end,
+            end_d,
+            last_of,
+            timed,
+            window,
+        )
+        n, n_seg = last_of.shape
+        with torch.no_grad():
+            self.pending = last_of != torch.arange(n_seg, device=last_of.device)  # (N, K)
+            self.t0 = end_d.amin(1, keepdim=True)
+            self.width = 2.0 * float((end_d - self.t0).max()) + 2.0 if n else 2.0
+            self.wanted = last_of * self.width + (end_d - self.t0)  # (N, K)
+            self.carry = end_d.new_full((n, 1), -torch.inf)
+        self.td, self.step_d, self.ok, self.last, self.piece = [], [], [], [], []  # all steps
+        self.t, self.step, self.states = [], [], []  # the current window's steps
+        self.rows, self.cols, self.vals = [], [], []  # the outputs so far
+
+    def add(self, t, td, step, step_d, ok, last, piece, x, x_new, ks, dense=None) -> None:
+        """One iteration: start times ``t`` (``td`` detached), step sizes ``step``
+        (``step_d`` detached), ``ok`` accepted, ``last`` the last step of its piece,
+        ``piece`` index of the piece's last segment (all ``(N,)``), start and end states
+        ``x``, ``x_new`` ``(N, C)``, the seven stages ``ks`` ``(N, C)`` and, if computed,
+        ``dense`` ``(N, C)`` = Σ_j d_j k_j (:data:`_D`; else taken from ``ks``)."""
+        for store, v in zip(
+            (self.td, self.step_d, self.ok, self.last, self.piece, self.t, self.step),
+            (td, step_d, ok, last, piece, t, step),
+            strict=True,
+        ):
+            store.append(v)
+        self.states.append((x, x_new, ks[0], ks[6], ks if dense is None else dense))
+        if len(self.states) >= self.window:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The outputs covered by the window's steps; then the window is emptied."""
+        size = len(self.states)
+        if not size:
+            return
+        first = len(self.td) - size
+        with torch.no_grad():
+            td = torch.stack(self.td[first:], 1)  # (N, J)
+            step_d = torch.stack(self.step_d[first:], 1)
+            last = torch.stack(self.last[first:], 1)
+            reach = torch.where(last, 0.5 * self.width, td + step_d - self.t0)
+            key = torch.stack(self.piece[first:], 1) * self.width + reach
+            key = torch.where(torch.stack(self.ok[first:], 1), key, -torch.inf)
+            key = torch.cat([self.carry, key], 1).cummax(1).values
+            self.carry = key[:, -1:]
+            covered = self.pending & (self.wanted <= self.carry)
+            r_i, c_i = covered.nonzero(as_tuple=True)
+            self.pending = self.pending & ~covered
+            if r_i.numel():
+                j_i = torch.searchsorted(key, self.wanted)[r_i, c_i] - 1  # in the window
+                s_i = step_d[r_i, j_i]
+                safe = torch.where(s_i > 0, s_i, 1.0)
+                theta = ((self.end_d[r_i, c_i] - td[r_i, j_i]) / safe).clamp_(0, 1)
+        if r_i.numel():
+            step = s_i
+            if self.timed:  # θ carries the derivative of the observation time
+                t = torch.stack(self.t)[j_i, r_i]
+                step = torch.stack(self.step)[j_i, r_i]
+                theta = (self.end[r_i, c_i] - t) / torch.where(s_i > 0, step, 1.0)
+            x0, x1, k1, k7 = (
+                torch.stack([st[m] for st in self.states])[j_i, r_i] for m in range(4)
+            )
+            dense = self._dense_term(j_i, r_i)
+            coef = _dense_coefficients(x0, x1, k1, k7, dense, step)
+            self.rows.append(r_i)
+            self.cols.append(c_i)
+            self.vals.append(_dense_states(coef, theta))
+        self.t, self.step, self.states = [], [], []
+
+    def _dense_term(self, j_i: Tensor, r_i: Tensor) -> Tensor:
+        """Σ_j d_j k_j ``(M, C)`` of the window's steps ``j_i`` for rows ``r_i``."""
+        if not isinstance(self.states[0][4], list):
+            return torch.stack([st[4] for st in self.states])[j_i, r_i]
+        ks = [torch.stack([st[4][s] for st in self.states])[j_i, r_i] for s in range(7)]
+        return _stage_sum(_D, ks)
+
+    def outputs(self):
+        """``(rows, cols, states)`` of all outputs (``(M,)``, ``(M,)``, ``(M, C)``), None if
+        there are none."""
+        self._flush()
+        if not self.rows:
+            return None
+        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.vals)
+
+    def plan(self) -> StepPlan:
+        """The accepted steps of every row, in order (:class:`StepPlan`)."""
+        with torch.no_grad():
+            ok = torch.stack(self.ok, 1)  # (N, J)
+            r_i, j_i = ok.nonzero(as_tuple=True)
+            pos = (ok.cumsum(1) - 1)[r_i, j_i]
+            width = int(pos.max()) + 2 if pos.numel() else 1  # one padding step at least
+            step = ok.new_zeros(ok.shape[0], width, dtype=self.step_d[0].dtype)
+            last = ok.new_ones(ok.shape[0], width)
+            step[r_i, pos] = torch.stack(self.step_d, 1)[r_i, j_i]
+            last[r_i, pos] = torch.stack(self.last, 1)[r_i, j_i]
+        return StepPlan(step, last)

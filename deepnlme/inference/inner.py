@@ -12,6 +12,7 @@ evaluate only the subjects still moving.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -151,11 +152,17 @@ def chord_steps(
     stored curvature also when its gradient does not halve: the curvature has changed too
     much, and further steps could wander towards another local minimum); :func:`find_modes`
     goes on with damped Newton steps.
-    Returns η ``(N, K)`` and ``done`` ``(N,)``: the subjects whose gradient is below ``gtol``.
+    With exact Hessians, a subject whose next Newton step is predicted to end within ``gtol``
+    (quadratic convergence: the gradient after a step ≈ ``c·|g|²``, with ``c`` from its last
+    step, by a margin :data:`PREDICTION_MARGIN`) takes that step without an evaluation of its
+    own: the evaluation at the modes that follows checks it (``predicted``).
+    Returns η ``(N, K)``, ``done`` ``(N,)``: the subjects whose gradient is below ``gtol`` (or
+    predicted to be), and ``predicted`` ``(N,)``: those of them only predicted.
     """
     eta = eta0.detach().clone()
     scale = _prior_sd(joint)
     done = torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
+    predicted = torch.zeros_like(done)
     exact = use_values(joint, options, *eta.shape)  # Hessians cost no more than gradients
 
     def evaluate(at: Tensor, sub: Population, sub_v0: Tensor | None):
@@ -176,6 +183,7 @@ def chord_steps(
         f, g = f[active], g[active]
     else:
         f, g, _ = evaluate(eta[active], sub, sub_v0)
+    g_before = None  # exact: each active subject's max |gradient| before its last step
     for step_no in range(options.chord_iter + 1):
         gmax = g.abs().amax(-1)
         small = gmax < options.gtol
@@ -186,16 +194,35 @@ def chord_steps(
         if not bool(go_on.all()):
             active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
             curvature, chol = curvature[go_on], chol[go_on]
+            g_before = None if g_before is None else g_before[go_on]
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-        step = _limit(
-            -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1), scale, options.max_step
-        )
+        newton = -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+        step = _limit(newton, scale, options.max_step)
         trial = eta[active] + step
+        if g_before is not None:  # Newton steps whose end is predicted converged: no evaluation
+            sure = (step == newton).all(-1) & (
+                PREDICTION_MARGIN * gmax**3 < options.gtol * g_before**2
+            )
+            if bool(sure.any()):
+                eta[active[sure]] = trial[sure]
+                done[active[sure]] = True
+                predicted[active[sure]] = True
+                if bool(sure.all()):
+                    break
+                rest = ~sure
+                active, f, g, gmax, step = active[rest], f[rest], g[rest], gmax[rest], step[rest]
+                curvature, chol, trial = curvature[rest], chol[rest], trial[rest]
+                sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
         f_new, g_new, h_new = evaluate(trial, sub, sub_v0)
-        noise = 1e-13 * (1.0 + f.abs())
-        better = (f_new <= f + noise) & torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
+        gmax_new = g_new.abs().amax(-1)
+        finite = torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
+        better = (f_new <= f + 1e-13 * (1.0 + f.abs())) & finite
+        if exact:  # also a step that halves the gradient where l cannot resolve its decrease
+            expected = -0.5 * (step * g).sum(-1)  # decrease of the quadratic model
+            unresolved = expected <= VALUE_NOISE * (1.0 + f.abs())
+            better = better | (finite & unresolved & (gmax_new <= 0.5 * gmax))
         eta[active] = torch.where(better[:, None], trial, eta[active])
-        done[active] = better & (g_new.abs().amax(-1) < options.gtol)
+        done[active] = better & (gmax_new < options.gtol)
         if exact:  # Newton: the exact |H| at the new point
             keep = better
             updated = absolute_eigenvalues(h_new)
@@ -203,15 +230,26 @@ def chord_steps(
             fine = (info == 0)[:, None, None]
             curvature = torch.where(fine, updated, curvature)
             chol = torch.where(fine, chol_new, chol)
+            g_before = gmax[keep]
         else:  # the stored curvature serves while the gradient at least halves per step
-            keep = better & (g_new.abs().amax(-1) <= 0.5 * gmax)
+            keep = better & (gmax_new <= 0.5 * gmax)
         if not bool(keep.any()):
             break
         curvature, chol = curvature[keep], chol[keep]
         active, f, g = active[keep], f_new[keep], g_new[keep]
         if not bool(keep.all()):
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-    return eta, done
+    return eta, done, predicted
+
+
+#: Margin of the prediction that a Newton step converges (:func:`chord_steps`): the step is
+#: taken unchecked where ``c·|g|²`` (``c = |g| / |g_before|²`` from the last step) is below
+#: ``gtol`` / this margin.
+PREDICTION_MARGIN = 100.0
+
+#: Relative level below which a decrease of l found by differences of values is not
+#: resolved (rounding and the adaptive solver's steps, which differ between evaluations).
+VALUE_NOISE = 1e-9
 
 
 def use_differences(joint: NegLogJoint, options: InnerOptions) -> bool:
@@ -455,6 +493,47 @@ def restart_far(
     return eta, stalled
 
 
+def _reusing_steps(joint: NegLogJoint) -> AbstractContextManager:
+    """Where the model's dynamics can reuse an adaptive solver's steps between the solves of
+    a search (``OdeDynamics.reusing_steps``), that context; otherwise none."""
+    reuse = getattr(getattr(joint.model, "dynamics", None), "reusing_steps", None)
+    return reuse() if reuse is not None else nullcontext()
+
+
+def _at_modes(
+    joint: NegLogJoint,
+    leaf: Tensor,
+    pop: Population,
+    variance0: Tensor | None,
+    opts: InnerOptions,
+    keep_graph: bool,
+    hessian_graph: bool,
+    jacobians: bool,
+) -> tuple[Tensor, Tensor, Tensor, list | None]:
+    """The evaluation of :func:`find_modes` at its modes ``leaf`` ``(N, K)``: l ``(N,)``,
+    ∂l/∂η ``(N, K)``, ∂²l/∂η² ``(N, K, K)`` and, with ``jacobians``, a list receiving the
+    Gaussian Jacobians where the evaluation provides them."""
+    with torch.enable_grad():
+        gaussian = [] if jacobians else None
+        if use_values(joint, opts, *leaf.shape):
+            nll, grad, hess = value_derivatives(
+                joint, leaf, pop, variance0, opts, graph=keep_graph, jacobians=gaussian
+            )
+            if not hessian_graph:
+                hess = hess.detach()
+        elif use_differences(joint, opts):
+            nll, grad, hess = difference_hessian(
+                joint, leaf, pop, variance0, opts.difference_step, create_graph=keep_graph
+            )
+            if not hessian_graph:
+                hess = hess.detach()
+        else:
+            nll, grad, hess = joint.exact_hessian(
+                leaf, pop, variance0, create_graph=keep_graph and hessian_graph
+            )
+    return nll, grad, hess, gaussian
+
+
 def find_modes(
     joint: NegLogJoint,
     eta0: Tensor,
@@ -486,33 +565,30 @@ def find_modes(
         empty = torch.zeros(0, dtype=torch.bool, device=eta.device)
         return InnerResult(eta, eta.new_zeros(0), eta, eta.new_zeros(0, k, k), eta, 0, empty)
     v_search = None if variance0 is None else variance0.detach()
-    done = None
-    with torch.no_grad():
+    done = predicted = None
+    with torch.no_grad(), _reusing_steps(joint):
         if hessian0 is not None and opts.chord_iter > 0:
-            eta, done = chord_steps(joint, eta, hessian0, pop, v_search, opts)
+            eta, done, predicted = chord_steps(joint, eta, hessian0, pop, v_search, opts)
         eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
         if bool(eta0.detach().abs().max() > 0):  # warm-started: far modes get a second look
             eta, stalled = restart_far(joint, eta, stalled, pop, v_search, opts)
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
-    leaf = eta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        gaussian = [] if jacobians else None
-        if use_values(joint, opts, *eta.shape):
-            nll, grad, hess = value_derivatives(
-                joint, leaf, pop, v_final, opts, graph=keep_graph, jacobians=gaussian
-            )
-            if not hessian_graph:
-                hess = hess.detach()
-        elif use_differences(joint, opts):
-            nll, grad, hess = difference_hessian(
-                joint, leaf, pop, v_final, opts.difference_step, create_graph=keep_graph
-            )
-            if not hessian_graph:
-                hess = hess.detach()
-        else:
-            nll, grad, hess = joint.exact_hessian(
-                leaf, pop, v_final, create_graph=keep_graph and hessian_graph
-            )
+    for _ in range(2):
+        leaf = eta.detach().requires_grad_(True)
+        nll, grad, hess, gaussian = _at_modes(
+            joint, leaf, pop, v_final, opts, keep_graph, hessian_graph, jacobians
+        )
+        # steps predicted to converge (chord_steps) that did not: Newton steps, evaluated again
+        missed = (
+            None if predicted is None else predicted & (grad.detach().abs().amax(-1) >= opts.gtol)
+        )
+        if missed is None or not bool(missed.any()):
+            break
+        with torch.no_grad(), _reusing_steps(joint):
+            eta, more, stalled_more = newton_steps(joint, eta, pop, v_search, opts, ~missed)
+        n_iter += more
+        stalled = stalled | stalled_more
+        predicted = None
     if not keep_graph:
         nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
     gmax = grad.detach().abs().amax(-1)

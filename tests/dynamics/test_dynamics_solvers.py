@@ -243,3 +243,56 @@ def test_adjoint_gradients_of_a_module_rhs(make_pop, make_dose):
 
     for a, d in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-7)
+
+
+def test_reused_steps(make_pop, make_dose):
+    """``reusing_steps``: a solve of the subjects solved before, at parameters within 2%, takes
+    the steps chosen then: at the same parameters the very same states, nearby states as
+    accurate as the adaptive solve's (against scipy, over doses, an infusion and a reset);
+    parameters further off, and solves with a graph, choose their own steps."""
+    pop = mm_population(make_pop, make_dose)
+    base = {k: torch.tensor(v, dtype=torch.float64) for k, v in MM_INDIV.items()}
+    near = {**base, "ka": base["ka"] * 1.01, "vmax": base["vmax"] * 0.99}
+    far = {**base, "ka": base["ka"] * 1.5}
+    dyn = two_cmt_mm_dynamics(rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        own = {name: dyn(p, pop) for name, p in (("base", base), ("near", near), ("far", far))}
+        with dyn.reusing_steps():
+            first = dyn(base, pop)
+            again = dyn(base, pop)
+            reused = dyn(near, pop)
+            chosen = dyn(far, pop)
+    with dyn.reusing_steps(), torch.enable_grad():
+        dyn(base, pop)
+        graph = dyn(near, pop)
+    assert torch.equal(first, own["base"]) and torch.equal(again, own["base"])
+    assert torch.equal(chosen, own["far"]) and torch.equal(graph.detach(), own["near"])
+    assert not torch.equal(reused, own["near"])  # the steps of `base`, not its own
+    ref = torch.from_numpy(scipy_reference(pop, near))
+    error_reused, error_own = ((s[..., 1] - ref).abs().max() for s in (reused, own["near"]))
+    assert error_own < 1e-4 * ref.abs().max() and error_reused < 2.0 * error_own
+    assert getattr(dyn, "_step_memory", None) is None  # forgotten after the block
+
+
+@pytest.mark.parametrize("window", [1, 7])
+def test_dense_output_in_windows_of_steps(make_pop, make_dose, monkeypatch, window):
+    """The observations read from the steps kept a window at a time equal those read from
+    all steps at once, values and gradients (doses, an infusion, a reset)."""
+    from deepnlme.dynamics import _solvers
+
+    pop = mm_population(make_pop, make_dose)
+    dyn = two_cmt_mm_dynamics(rtol=1e-6, atol=1e-8)
+
+    def solve():
+        indiv = {k: torch.tensor(v, requires_grad=True) for k, v in MM_INDIV.items()}
+        out = dyn(indiv, pop)
+        return out, torch.autograd.grad(out[..., 1].sum(), list(indiv.values()))
+
+    monkeypatch.setattr(_solvers, "DENSE_WINDOW", 10_000)
+    whole, grads = solve()
+    monkeypatch.setattr(_solvers, "DENSE_WINDOW", window)
+    monkeypatch.setattr(_solvers, "DENSE_BUDGET", 0)
+    windowed, grads_windowed = solve()
+    assert torch.equal(windowed, whole)
+    for a, b in zip(grads_windowed, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)

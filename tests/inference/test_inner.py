@@ -70,8 +70,10 @@ def test_chord_steps_stop_subjects_that_do_not_improve():
     first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-8))
     with torch.no_grad():
         model.tvcl.raw += 0.2
-    eta, done = chord_steps(joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions())
-    assert not bool(done.any())
+    eta, done, predicted = chord_steps(
+        joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions()
+    )
+    assert not bool(done.any()) and not bool(predicted.any())
     torch.testing.assert_close(eta, first.eta, rtol=0, atol=0)
 
 
@@ -147,3 +149,27 @@ def test_warm_start_in_the_flip_flop_mode_is_searched_again_from_zero():
     assert bool((stay.nll > cold.nll + 1.0).any())  # some subjects sit in the flip-flop mode
     back = find_modes(joint, flipped, pop, options=opts)
     torch.testing.assert_close(back.eta, cold.eta, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [100.0, 1e-30])
+def test_predicted_newton_steps_are_checked(monkeypatch, margin):
+    """ODE dynamics (Hessians from differences of values): Newton steps predicted to converge
+    are taken without an evaluation of their own; the evaluation at the modes checks them.
+    Predicting every step (a vanishing margin), the misses are caught and searched on: the
+    warm search still ends at the cold search's modes."""
+    from deepnlme.dynamics import OdeDynamics, OneCmtOral
+    from deepnlme.inference import inner
+
+    pop, model, joint = _theophylline_joint()
+    model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-8)
+    opts = InnerOptions()
+    first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    with torch.no_grad():
+        model.tvka.raw += 0.1
+        model.tvv.raw -= 0.05
+    cold = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    monkeypatch.setattr(inner, "PREDICTION_MARGIN", margin)
+    warm = find_modes(joint, first.eta, pop, options=opts, hessian0=first.hessian)
+    assert bool(warm.converged.all()) and bool(cold.converged.all())
+    assert float(warm.grad.abs().max()) < opts.gtol
+    torch.testing.assert_close(warm.eta, cold.eta, rtol=0, atol=1e-5)
