@@ -63,7 +63,6 @@ def _student_t(
 ) -> tuple[Tensor, Tensor]:
     """``n`` draws ``(n, N, K)`` of multivariate t(df, loc, scale_tril Lᵀ) and their log
     densities ``(n, N)``."""
-    k = loc.shape[-1]
     z = torch.randn((n, *loc.shape), generator=generator, dtype=loc.dtype)
     chi2 = 2.0 * torch._standard_gamma(
         torch.full((n, loc.shape[0], 1), df / 2.0, dtype=loc.dtype), generator=generator
@@ -72,25 +71,14 @@ def _student_t(
     eta = loc + torch.einsum("nkj,snj->snk", scale_tril, z) * torch.sqrt(df / chi2)
     # log density of the standardized point u = L⁻¹(η - loc): t with identity scale
     maha = (z * z).sum(-1) * (df / chi2[..., 0])
-    logdet = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
-    log_q = (
-        math.lgamma((df + k) / 2.0)
-        - math.lgamma(df / 2.0)
-        - 0.5 * k * math.log(df * math.pi)
-        - logdet
-        - 0.5 * (df + k) * torch.log1p(maha / df)
-    )
-    return eta, log_q
+    return eta, _t_log_density(maha, scale_tril, df)
 
 
-def _student_t_log_prob(eta: Tensor, loc: Tensor, scale_tril: Tensor, df: float) -> Tensor:
-    """Log density ``(S, N)`` of draws ``eta`` ``(S, N, K)`` under the multivariate t(df,
-    loc ``(N, K)``, scale_tril ``(N, K, K)``) of each subject."""
-    k = loc.shape[-1]
-    diff = (eta - loc).unsqueeze(-1)  # (S, N, K, 1)
-    u = torch.linalg.solve_triangular(scale_tril.expand(eta.shape[0], -1, -1, -1), diff,
-                                      upper=False)[..., 0]
-    maha = (u * u).sum(-1)
+def _t_log_density(maha: Tensor, scale_tril: Tensor, df: float) -> Tensor:
+    """Log density of multivariate t(df, loc, scale_tril Lᵀ) at points whose squared
+    Mahalanobis distance ``|L⁻¹(η - loc)|²`` is ``maha`` ``(S, N)``; ``scale_tril``
+    ``(N, K, K)``."""
+    k = scale_tril.shape[-1]
     logdet = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
     return (
         math.lgamma((df + k) / 2.0)
@@ -99,6 +87,15 @@ def _student_t_log_prob(eta: Tensor, loc: Tensor, scale_tril: Tensor, df: float)
         - logdet
         - 0.5 * (df + k) * torch.log1p(maha / df)
     )
+
+
+def _student_t_log_prob(eta: Tensor, loc: Tensor, scale_tril: Tensor, df: float) -> Tensor:
+    """Log density ``(S, N)`` of draws ``eta`` ``(S, N, K)`` under the multivariate t(df,
+    loc ``(N, K)``, scale_tril ``(N, K, K)``) of each subject."""
+    diff = (eta - loc).unsqueeze(-1)  # (S, N, K, 1)
+    u = torch.linalg.solve_triangular(scale_tril.expand(eta.shape[0], -1, -1, -1), diff,
+                                      upper=False)[..., 0]
+    return _t_log_density((u * u).sum(-1), scale_tril, df)
 
 
 def _mixture_draws(
@@ -154,12 +151,12 @@ def importance_loglik(
     generator = torch.Generator().manual_seed(int(seed))
     chunk = max(1, min(n_samples, MAX_ROWS // max(n, 1)))
     log_w = []
+    components = [(loc.detach(), scale_tril.detach())]
+    if defensive is not None:
+        components.append((defensive[0].detach(), defensive[1].detach()))
     done = 0
     while done < n_samples:
         s = min(chunk, n_samples - done)
-        components = [(loc.detach(), scale_tril.detach())]
-        if defensive is not None:
-            components.append((defensive[0].detach(), defensive[1].detach()))
         eta, log_q = _mixture_draws(components, df, s, generator)
         rows = pop.subset(torch.arange(n, device=pop.device).repeat(s)) if s > 1 else pop
         nll = joint(eta.reshape(s * n, k), rows).nll.reshape(s, n)
