@@ -114,12 +114,14 @@ def _stage_sum(coeffs, ks: list[Tensor]) -> Tensor:
 
 
 def _stage_state(x: Tensor, hl: Tensor, row, ks: list[Tensor]) -> Tensor:
-    """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`)."""
+    """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`),
+    as ``x + a_0·hl·(k_0 + Σ (a_j/a_0) k_j)``: one operation per term (the solves of a fit
+    are dominated by the number of operations, forwards and backwards, not their size)."""
     (a0, j0), *rest = row
-    acc = ks[j0] * a0
+    acc = ks[j0]
     for a, j in rest:
-        acc = torch.add(acc, ks[j], alpha=a)
-    return torch.addcmul(x, hl, acc)
+        acc = torch.add(acc, ks[j], alpha=a / a0)
+    return torch.addcmul(x, hl, acc, value=a0)
 
 
 # Dense output of Dormand–Prince (Hairer, Nørsett & Wanner, DOPRI5's CONTD5): the state at
@@ -416,6 +418,20 @@ def _initial_step(g, t: Tensor, x: Tensor, f0: Tensor, left: Tensor, options) ->
     return torch.where(torch.isfinite(h) & (h > 0), h, left).clamp(min=1e-12)
 
 
+def _direct(rhs: Rhs) -> Rhs:
+    """``rhs`` itself, or for an ``nn.Module`` without hooks its ``forward`` (a module call's
+    hook machinery costs about as much as a small operation, seven times a step)."""
+    if not isinstance(rhs, nn.Module):
+        return rhs
+    hooks = (
+        rhs._forward_hooks,
+        rhs._forward_pre_hooks,
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
+    )
+    return rhs if any(hooks) else rhs.forward
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """The accepted steps of an adaptive solve, per row, to be taken again: ``step`` ``(N, J)``
@@ -483,6 +499,7 @@ def _dopri5_grid(
         """``v`` ``(N,)`` with every row's value replaced by its group's first row's."""
         return v if lead is None else v[lead]
 
+    rhs = _direct(rhs)
     if rate is None:  # the field is the right-hand side
 
         def g(t: Tensor, x: Tensor) -> Tensor:

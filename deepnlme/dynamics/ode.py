@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepnlme.data.population import Population
-from deepnlme.dynamics import _solvers
+from deepnlme.dynamics import _solvers, linearized
 from deepnlme.dynamics.base import Dynamics
 from deepnlme.dynamics.closed_form import (
     LinearCompartmentModel,
@@ -99,6 +99,7 @@ class _StepMemory:
         self.last: Tensor | None = None  # (S, J) bool
         self.grid: Tensor | None = None  # (S, 3, K): start, length, piece of each segment
         self.params: Tensor | None = None  # (S, P) individual parameters
+        self.rhs_state: tuple = ()  # versions of the rhs module's parameters
 
     @staticmethod
     def _params(indiv: Mapping[str, Tensor], n: int) -> Tensor:
@@ -109,6 +110,19 @@ class _StepMemory:
             if isinstance(v, Tensor) and v.dim() and v.shape[0] == n
         ]
         return torch.cat(parts, 1) if parts else torch.zeros(n, 0)
+
+    def check_rhs(self, rhs) -> None:
+        """Forget every step if the parameters of ``rhs`` (an ``nn.Module``'s, e.g. a
+        network's weights) are not those the steps were chosen with (an optimizer's update
+        changes their version)."""
+        state = (
+            tuple((id(w), w._version) for w in rhs.parameters())
+            if isinstance(rhs, nn.Module)
+            else ()
+        )
+        if state != self.rhs_state:
+            self.known = None
+            self.rhs_state = state
 
     def plan(self, subjects: Tensor, indiv, grid: Tensor) -> _solvers.StepPlan | None:
         """The remembered steps of the rows of ``subjects`` ``(N,)`` on ``grid``
@@ -269,17 +283,26 @@ class OdeDynamics(Dynamics):
 
     # ------------------------------------------------------------------ integration
     @contextmanager
-    def reusing_steps(self) -> Iterator[OdeDynamics]:
+    def reusing_steps(self, memory: _StepMemory | None = None) -> Iterator[_StepMemory]:
         """Within this block, a ``dopri5`` solve of subjects solved before in it, on the same
         event grids and at nearby individual parameters (within 2%), takes the steps chosen
         then instead of choosing them again (no error estimate, no step control): for the
-        many solves of a mode search, in which only the random effects move. Values then
-        change smoothly with the parameters between solves (the same discretization), with
-        errors of the order of the tolerance. Solves that need a graph are not affected."""
+        many solves of a mode search, in which only the random effects move, and the solve
+        with a graph at its modes. Values then change smoothly with the parameters between
+        solves (the same discretization), with errors of the order of the tolerance.
+
+        Yields the memory of steps. ``memory`` (yielded by an earlier block) carries the
+        steps over from that block: an estimator's successive evaluations, whose parameters
+        move little near the optimum. Without it, a block nested in another shares the outer
+        block's memory; otherwise it starts empty and is forgotten at its end. A memory
+        serves only while the parameters of an ``rhs`` module stay as they were.
+        """
         previous = getattr(self, "_step_memory", None)
-        self._step_memory = _StepMemory()
+        if memory is None:
+            memory = previous if previous is not None else _StepMemory()
+        self._step_memory = memory
         try:
-            yield self
+            yield memory
         finally:
             self._step_memory = previous
 
@@ -423,7 +446,6 @@ class OdeDynamics(Dynamics):
             or subjects is None
             or solver.method != "dopri5"
             or solver.adjoint
-            or torch.is_grad_enabled()
             or not start.numel()
         ):
             return _solvers.integrate(
@@ -431,6 +453,7 @@ class OdeDynamics(Dynamics):
             )
         pieces = _solvers._pieces(start, start + length, rate, keep, jump)
         grid = torch.stack([start, length, pieces.to(start.dtype)], 1)  # (N, 3, K)
+        memory.check_rhs(self.rhs)
         plan = memory.plan(subjects, indiv, grid)
         record = [] if plan is None else None
         states = _solvers.integrate(
@@ -441,8 +464,39 @@ class OdeDynamics(Dynamics):
         return states
 
     def forward(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
-        """Amounts ``(N, T, n_compartments)`` at ``pop.obs_time`` (0 in padding slots)."""
+        """Amounts ``(N, T, n_compartments)`` at ``pop.obs_time`` (0 in padding slots).
+
+        Inside a :func:`deepnlme.dynamics.linearized.linearizing_solves` block, a solve that
+        depends on nothing trainable but per-row individual parameters is recorded there and
+        handed out detached (its gradients then take one reverse pass).
+        """
         self.check_params(indiv)
+        lin = linearized.active()
+        if lin is not None:
+            leaves = lin.leaves(indiv, len(pop))
+            if leaves is not None and self._separable_by_rows(indiv, leaves):
+                return lin.record(self._solve({**indiv, **leaves}, pop), leaves, indiv)
+        return self._solve(indiv, pop)
+
+    def _separable_by_rows(self, indiv: dict[str, Tensor], leaves: dict[str, Tensor]) -> bool:
+        """Whether a solve depends on nothing that requires grad but the per-row ``leaves``:
+        no weights of its own, and none that ``rhs`` (or its ``prepare``) uses directly, as
+        the graph of one evaluation of ``rhs`` shows."""
+        if any(w.requires_grad for w in self.parameters()):
+            return False
+        n = next(iter(leaves.values())).shape[0]
+        like = next(iter(leaves.values()))
+        try:
+            prepare = getattr(self.rhs, "prepare", None)
+            ind = {**indiv, **leaves}
+            ind = prepare(ind) if prepare is not None else ind
+            out = self.rhs(like.new_zeros(n), like.new_ones(n, len(self.compartments)), ind)
+        except Exception:  # noqa: BLE001 (any failure: take the general path)
+            return False
+        return not linearized.external_leaves(out, list(leaves.values()))
+
+    def _solve(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
+        """The solve of :meth:`forward`: every row's event grid at once."""
         doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
         prepare = getattr(self.rhs, "prepare", None)
         rhs_indiv = prepare(indiv) if prepare is not None else indiv

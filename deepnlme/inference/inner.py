@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
+from deepnlme.dynamics.linearized import linearizing_solves
 from deepnlme.inference.joint import NegLogJoint
 
 
@@ -72,6 +73,10 @@ class InnerResult:
     # (terms, ∂mean/∂η, ∂variance/∂η) at the modes, as NegLogJoint.gaussian_jacobians, when
     # find_modes was asked for them and took them from its own evaluation (else None)
     gaussian: tuple | None = None
+    # (N,) each subject's convergence constant c (gradient after a Newton step ≈ c·|g|²),
+    # measured by the last step of the search where it could be (NaN elsewhere): find_modes'
+    # rate0 of a later search from these modes
+    rate: Tensor | None = None
 
 
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
@@ -139,7 +144,8 @@ def chord_steps(
     pop: Population,
     variance0: Tensor | None,
     options: InnerOptions,
-) -> tuple[Tensor, Tensor]:
+    rate0: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Approach the modes by steps η ← η - B⁻¹ ∇l(η) with a stored curvature ``B = |H₀|``
     (chord method).
 
@@ -153,16 +159,21 @@ def chord_steps(
     much, and further steps could wander towards another local minimum); :func:`find_modes`
     goes on with damped Newton steps.
     With exact Hessians, a subject whose next Newton step is predicted to end within ``gtol``
-    (quadratic convergence: the gradient after a step ≈ ``c·|g|²``, with ``c`` from its last
-    step, by a margin :data:`PREDICTION_MARGIN`) takes that step without an evaluation of its
-    own: the evaluation at the modes that follows checks it (``predicted``).
+    (quadratic convergence: the gradient after a step ≈ ``c·|g|²``, by a margin
+    :data:`PREDICTION_MARGIN`) takes that step without an evaluation of its own: the
+    evaluation at the modes that follows checks it (``predicted``). ``c`` (the subject's
+    convergence constant) is measured by its last step here, or for the first step taken from
+    ``rate0`` ``(N,)`` (NaN: unknown), as :func:`find_modes` measured it in an earlier search.
     Returns η ``(N, K)``, ``done`` ``(N,)``: the subjects whose gradient is below ``gtol`` (or
-    predicted to be), and ``predicted`` ``(N,)``: those of them only predicted.
+    predicted to be), ``predicted`` ``(N,)``: those of them only predicted, and ``before``
+    ``(N,)``: the max |gradient| before each subject's last step where that was a full Newton
+    step with an exact Hessian (NaN otherwise), from which ``c`` is measured at the modes.
     """
     eta = eta0.detach().clone()
     scale = _prior_sd(joint)
     done = torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
     predicted = torch.zeros_like(done)
+    before = eta.new_full((eta.shape[0],), float("nan"))
     exact = use_values(joint, options, *eta.shape)  # Hessians cost no more than gradients
 
     def evaluate(at: Tensor, sub: Population, sub_v0: Tensor | None):
@@ -183,7 +194,10 @@ def chord_steps(
         f, g = f[active], g[active]
     else:
         f, g, _ = evaluate(eta[active], sub, sub_v0)
-    g_before = None  # exact: each active subject's max |gradient| before its last step
+    # exact: each active subject's convergence constant c (NaN: unknown)
+    rate = None
+    if exact and rate0 is not None:
+        rate = rate0[active].to(eta.dtype)
     for step_no in range(options.chord_iter + 1):
         gmax = g.abs().amax(-1)
         small = gmax < options.gtol
@@ -194,24 +208,25 @@ def chord_steps(
         if not bool(go_on.all()):
             active, f, g, gmax = active[go_on], f[go_on], g[go_on], gmax[go_on]
             curvature, chol = curvature[go_on], chol[go_on]
-            g_before = None if g_before is None else g_before[go_on]
+            rate = None if rate is None else rate[go_on]
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
         newton = -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
         step = _limit(newton, scale, options.max_step)
         trial = eta[active] + step
-        if g_before is not None:  # Newton steps whose end is predicted converged: no evaluation
-            sure = (step == newton).all(-1) & (
-                PREDICTION_MARGIN * gmax**3 < options.gtol * g_before**2
-            )
+        full = (step == newton).all(-1)
+        if rate is not None:  # Newton steps whose end is predicted converged: no evaluation
+            sure = full & (PREDICTION_MARGIN * rate * gmax**2 < options.gtol)
             if bool(sure.any()):
                 eta[active[sure]] = trial[sure]
                 done[active[sure]] = True
                 predicted[active[sure]] = True
+                before[active[sure]] = gmax[sure]
                 if bool(sure.all()):
                     break
                 rest = ~sure
                 active, f, g, gmax, step = active[rest], f[rest], g[rest], gmax[rest], step[rest]
                 curvature, chol, trial = curvature[rest], chol[rest], trial[rest]
+                full, rate = full[rest], rate[rest]
                 sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
         f_new, g_new, h_new = evaluate(trial, sub, sub_v0)
         gmax_new = g_new.abs().amax(-1)
@@ -223,6 +238,8 @@ def chord_steps(
             better = better | (finite & unresolved & (gmax_new <= 0.5 * gmax))
         eta[active] = torch.where(better[:, None], trial, eta[active])
         done[active] = better & (gmax_new < options.gtol)
+        if exact:
+            before[active] = torch.where(better & full, gmax, before[active])
         if exact:  # Newton: the exact |H| at the new point
             keep = better
             updated = absolute_eigenvalues(h_new)
@@ -230,7 +247,10 @@ def chord_steps(
             fine = (info == 0)[:, None, None]
             curvature = torch.where(fine, updated, curvature)
             chol = torch.where(fine, chol_new, chol)
-            g_before = gmax[keep]
+            measured = torch.where(full, gmax_new / gmax**2, float("nan"))
+            if rate is not None:  # a gradient below the noise level of differences says little
+                measured = torch.where(gmax_new < RATE_NOISE, rate, measured)
+            rate = measured[keep]
         else:  # the stored curvature serves while the gradient at least halves per step
             keep = better & (gmax_new <= 0.5 * gmax)
         if not bool(keep.any()):
@@ -239,13 +259,17 @@ def chord_steps(
         active, f, g = active[keep], f_new[keep], g_new[keep]
         if not bool(keep.all()):
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-    return eta, done, predicted
+    return eta, done, predicted, before
 
 
 #: Margin of the prediction that a Newton step converges (:func:`chord_steps`): the step is
 #: taken unchecked where ``c·|g|²`` (``c = |g| / |g_before|²`` from the last step) is below
 #: ``gtol`` / this margin.
 PREDICTION_MARGIN = 100.0
+
+#: Gradients below this level (those from differences of values are accurate to ~1e-9) do
+#: not measure a subject's convergence constant (:func:`chord_steps`, :func:`find_modes`).
+RATE_NOISE = 1e-8
 
 #: Relative level below which a decrease of l found by differences of values is not
 #: resolved (rounding and the adaptive solver's steps, which differ between evaluations).
@@ -323,10 +347,13 @@ def value_derivatives(
     batch = pop.subset(index)
     v0 = None if variance0 is None else variance0[index][:, : batch.obs_time.shape[1]]
     base = eta if graph else eta.detach()
-    with torch.set_grad_enabled(graph):
+    # with a graph for l alone, a solve's gradients are taken once (linearized solves)
+    separable = linearizing_solves() if graph and jacobians is None else nullcontext()
+    with torch.set_grad_enabled(graph), separable as lin:
         points = (base[None] + shifts[:, None, :]).reshape(-1, k)
         every = joint(points, batch, v0)
-        values = every.nll.reshape(n_points, n)
+        nll = every.nll if lin is None else lin.attach(every.nll)
+        values = nll.reshape(n_points, n)
         f = values[0]
         grad = ((values[1 : k + 1] - values[k + 1 : 2 * k + 1]) / (2 * step)).T
         if jacobians is not None and every.mean is not None:
@@ -493,11 +520,13 @@ def restart_far(
     return eta, stalled
 
 
-def _reusing_steps(joint: NegLogJoint) -> AbstractContextManager:
-    """Where the model's dynamics can reuse an adaptive solver's steps between the solves of
-    a search (``OdeDynamics.reusing_steps``), that context; otherwise none."""
+def reusing_steps(joint: NegLogJoint, memory=None) -> AbstractContextManager:
+    """Where the model's dynamics can reuse an adaptive solver's steps between solves
+    (``OdeDynamics.reusing_steps``: the solves of a search, or with ``memory``, which the
+    context yields, those of an estimator's successive evaluations), that context; otherwise
+    one that yields None."""
     reuse = getattr(getattr(joint.model, "dynamics", None), "reusing_steps", None)
-    return reuse() if reuse is not None else nullcontext()
+    return reuse(memory) if reuse is not None else nullcontext()
 
 
 def _at_modes(
@@ -544,6 +573,7 @@ def find_modes(
     hessian0: Tensor | None = None,
     hessian_graph: bool = True,
     jacobians: bool = False,
+    rate0: Tensor | None = None,
 ) -> InnerResult:
     """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
 
@@ -556,7 +586,8 @@ def find_modes(
     built from them); ``hessian_graph=False`` detaches the Hessian nonetheless (FOCE-type
     objectives only need its value). With ``jacobians``, the result's ``gaussian`` holds the
     Gaussian Jacobians at the modes where the final evaluation provides them (FOCE-type
-    objectives; None otherwise).
+    objectives; None otherwise). ``rate0`` ``(N,)``: the subjects' convergence constants from
+    an earlier search (``InnerResult.rate``) for :func:`chord_steps`.
     """
     opts = options or InnerOptions()
     eta = eta0.detach()
@@ -565,10 +596,13 @@ def find_modes(
         empty = torch.zeros(0, dtype=torch.bool, device=eta.device)
         return InnerResult(eta, eta.new_zeros(0), eta, eta.new_zeros(0, k, k), eta, 0, empty)
     v_search = None if variance0 is None else variance0.detach()
-    done = predicted = None
-    with torch.no_grad(), _reusing_steps(joint):
+    done = predicted = before = None
+    with torch.no_grad(), reusing_steps(joint):
         if hessian0 is not None and opts.chord_iter > 0:
-            eta, done, predicted = chord_steps(joint, eta, hessian0, pop, v_search, opts)
+            eta, done, predicted, before = chord_steps(
+                joint, eta, hessian0, pop, v_search, opts, rate0
+            )
+            before = torch.where(done, before, float("nan"))  # moved by Newton steps below
         eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
         if bool(eta0.detach().abs().max() > 0):  # warm-started: far modes get a second look
             eta, stalled = restart_far(joint, eta, stalled, pop, v_search, opts)
@@ -584,14 +618,18 @@ def find_modes(
         )
         if missed is None or not bool(missed.any()):
             break
-        with torch.no_grad(), _reusing_steps(joint):
+        with torch.no_grad(), reusing_steps(joint):
             eta, more, stalled_more = newton_steps(joint, eta, pop, v_search, opts, ~missed)
         n_iter += more
         stalled = stalled | stalled_more
+        before = torch.where(missed, float("nan"), before)
         predicted = None
     if not keep_graph:
         nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
     gmax = grad.detach().abs().amax(-1)
     converged = (gmax < opts.gtol) | (stalled & (gmax < opts.gtol * 1e3))
     found = gaussian[0] if gaussian else None
-    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, found)
+    rate = None
+    if before is not None:
+        rate = torch.where(gmax >= RATE_NOISE, gmax / before**2, float("nan"))
+    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, found, rate)

@@ -25,6 +25,7 @@ from deepnlme.inference.inner import (
     InnerResult,
     absolute_eigenvalues,
     find_modes,
+    reusing_steps,
     use_differences,
 )
 from deepnlme.inference.joint import NegLogJoint
@@ -58,6 +59,8 @@ class LaplaceEstimator:
         self.joint = NegLogJoint(model, interaction)
         self._eta_hat: Tensor | None = None
         self._hessian: Tensor | None = None  # (n_subjects, K, K) exact Hessians at the modes
+        self._steps = None  # an ODE solver's steps, reused between evaluations (reusing_steps)
+        self._rate: Tensor | None = None  # (n_subjects,) convergence constants of the searches
         self.last_inner = None
 
     # ----------------------------------------------------------- mode memory
@@ -67,7 +70,7 @@ class LaplaceEstimator:
         ref = pop.obs_time
         if self._eta_hat is None or self._eta_hat.shape[0] < need or self._eta_hat.shape[1] != k:
             self._eta_hat = ref.new_zeros(need, k)
-            self._hessian = None
+            self._hessian = self._rate = None
         self._eta_hat = self._eta_hat.to(device=ref.device, dtype=ref.dtype)
         return self._eta_hat[pop.subject_index]
 
@@ -78,10 +81,16 @@ class LaplaceEstimator:
         h = self._hessian[pop.subject_index]
         return h if bool(torch.isfinite(h).all()) else None
 
+    def _stored_rates(self, pop: Population) -> Tensor | None:
+        """Convergence constants ``(N,)`` of the stored modes' searches (NaN: unknown)."""
+        return None if self._rate is None else self._rate[pop.subject_index]
+
     def reset(self) -> None:
         """Forget the stored modes (the next evaluation starts from η = 0)."""
         self._eta_hat = None
         self._hessian = None
+        self._steps = None
+        self._rate = None
 
     # ------------------------------------------------------------- the method
     def _terms(self, pop: Population, warm_start: bool) -> _LaplaceTerms:
@@ -92,17 +101,20 @@ class LaplaceEstimator:
             eta0 = torch.zeros_like(eta0)
         variance0 = None if self.interaction else self.joint.population_variance(pop)
         exact = self.hessian == "exact"
-        result = find_modes(
-            self.joint,
-            eta0,
-            pop,
-            variance0,
-            self.inner,
-            True,
-            hessian0,
-            hessian_graph=exact,
-            jacobians=not exact,
-        )
+        with reusing_steps(self.joint, self._steps) as memory:
+            self._steps = memory
+            result = find_modes(
+                self.joint,
+                eta0,
+                pop,
+                variance0,
+                self.inner,
+                True,
+                hessian0,
+                hessian_graph=exact,
+                jacobians=not exact,
+                rate0=self._stored_rates(pop) if hessian0 is not None else None,
+            )
         self.last_inner = result
         chol = _pd_cholesky(result.hessian)
         if exact:
@@ -131,6 +143,11 @@ class LaplaceEstimator:
             k = result.eta.shape[-1]
             self._hessian = result.eta.new_full((self._eta_hat.shape[0], k, k), float("nan"))
         self._hessian[pop.subject_index] = result.hessian.detach()
+        if result.rate is not None:  # measured where it could be; else the last measurement
+            if self._rate is None:
+                self._rate = result.eta.new_full((self._eta_hat.shape[0],), float("nan"))
+            known = torch.isfinite(result.rate)
+            self._rate[pop.subject_index[known]] = result.rate[known]
 
     def _neg_loglik(self, t: _LaplaceTerms, dlogdet_deta: Tensor | None) -> Tensor:
         """-log p(y_i) ``(N,)`` from the terms at η̂, corrected to the exact mode η*.

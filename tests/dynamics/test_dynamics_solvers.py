@@ -248,8 +248,9 @@ def test_adjoint_gradients_of_a_module_rhs(make_pop, make_dose):
 def test_reused_steps(make_pop, make_dose):
     """``reusing_steps``: a solve of the subjects solved before, at parameters within 2%, takes
     the steps chosen then: at the same parameters the very same states, nearby states as
-    accurate as the adaptive solve's (against scipy, over doses, an infusion and a reset);
-    parameters further off, and solves with a graph, choose their own steps."""
+    accurate as the adaptive solve's (against scipy, over doses, an infusion and a reset),
+    with a graph as without; parameters further off choose their own steps. A memory passed
+    to a later block carries the steps over; a nested block shares its outer block's."""
     pop = mm_population(make_pop, make_dose)
     base = {k: torch.tensor(v, dtype=torch.float64) for k, v in MM_INDIV.items()}
     near = {**base, "ka": base["ka"] * 1.01, "vmax": base["vmax"] * 0.99}
@@ -262,11 +263,15 @@ def test_reused_steps(make_pop, make_dose):
             again = dyn(base, pop)
             reused = dyn(near, pop)
             chosen = dyn(far, pop)
-    with dyn.reusing_steps(), torch.enable_grad():
+    with dyn.reusing_steps() as memory, torch.enable_grad():
         dyn(base, pop)
         graph = dyn(near, pop)
+    with torch.no_grad(), dyn.reusing_steps(memory), dyn.reusing_steps() as inner:
+        carried = dyn(near, pop)
+    assert inner is memory
     assert torch.equal(first, own["base"]) and torch.equal(again, own["base"])
-    assert torch.equal(chosen, own["far"]) and torch.equal(graph.detach(), own["near"])
+    assert torch.equal(chosen, own["far"])
+    assert torch.equal(graph.detach(), reused) and torch.equal(carried, reused)
     assert not torch.equal(reused, own["near"])  # the steps of `base`, not its own
     ref = torch.from_numpy(scipy_reference(pop, near))
     error_reused, error_own = ((s[..., 1] - ref).abs().max() for s in (reused, own["near"]))

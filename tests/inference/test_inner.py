@@ -54,9 +54,7 @@ def test_chord_start_reaches_the_cold_start_modes(curvature_scale):
     with torch.no_grad():
         model.tvka.raw += 0.1
         model.tvv.raw -= 0.05
-    warm = find_modes(
-        joint, first.eta, pop, options=opts, hessian0=curvature_scale * first.hessian
-    )
+    warm = find_modes(joint, first.eta, pop, options=opts, hessian0=curvature_scale * first.hessian)
     cold = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
     assert bool(warm.converged.all()) and bool(cold.converged.all())
     torch.testing.assert_close(warm.eta, cold.eta, rtol=0, atol=1e-7)
@@ -70,10 +68,11 @@ def test_chord_steps_stop_subjects_that_do_not_improve():
     first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-8))
     with torch.no_grad():
         model.tvcl.raw += 0.2
-    eta, done, predicted = chord_steps(
+    eta, done, predicted, before = chord_steps(
         joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions()
     )
     assert not bool(done.any()) and not bool(predicted.any())
+    assert bool(before.isnan().all())  # no Newton step taken
     torch.testing.assert_close(eta, first.eta, rtol=0, atol=0)
 
 
@@ -173,3 +172,41 @@ def test_predicted_newton_steps_are_checked(monkeypatch, margin):
     assert bool(warm.converged.all()) and bool(cold.converged.all())
     assert float(warm.grad.abs().max()) < opts.gtol
     torch.testing.assert_close(warm.eta, cold.eta, rtol=0, atol=1e-5)
+
+
+def test_remembered_convergence_constants_save_an_evaluation(monkeypatch):
+    """ODE dynamics: a warm search measures each subject's convergence constant; handed to
+    the next search (``rate0``), it lets the first Newton step be taken unchecked where it is
+    predicted to converge. That search evaluates less and still ends at the modes (gradient
+    below gtol, the cold search's modes)."""
+    from deepnlme.dynamics import OdeDynamics, OneCmtOral
+    from deepnlme.inference.joint import NegLogJoint
+
+    pop, model, joint = _theophylline_joint()
+    model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-8)
+    opts = InnerOptions()
+    first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    with torch.no_grad():
+        model.tvka.raw += 0.02
+    second = find_modes(joint, first.eta, pop, options=opts, hessian0=first.hessian)
+    assert second.rate is not None and bool(torch.isfinite(second.rate).any())
+    with torch.no_grad():
+        model.tvv.raw += 2e-6  # the modes move by ~1e-3: the late steps of a fit
+    calls = []
+    original = NegLogJoint.__call__
+    monkeypatch.setattr(
+        NegLogJoint, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    runs = {}
+    for name, rate0 in (("without", None), ("with", second.rate)):
+        calls.clear()
+        runs[name] = find_modes(
+            joint, second.eta, pop, options=opts, hessian0=second.hessian, rate0=rate0
+        )
+        runs[name + " calls"] = len(calls)
+    monkeypatch.undo()
+    cold = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    assert runs["with calls"] < runs["without calls"]
+    for name in ("without", "with"):
+        assert float(runs[name].grad.abs().max()) < opts.gtol
+        torch.testing.assert_close(runs[name].eta, cold.eta, rtol=0, atol=1e-5)
