@@ -122,7 +122,9 @@ def _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata, checkp
 
     Returns ``(convergence summary with fit time and warnings, parameter trace table)``.
     """
-    from deepnlme.inference.optimize import convergence_warning
+    from dataclasses import replace
+
+    from deepnlme.inference.optimize import convergence_warning, stopping_gtol
     from deepnlme.training import (
         ConvergenceMonitor,
         FitTimer,
@@ -134,6 +136,7 @@ def _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata, checkp
     from deepnlme.training.interrupt import StopOnSignal
 
     outer, iterations_per_epoch = build.outer_options(cfg.method)
+    outer = replace(outer, gtol=stopping_gtol(estimator, outer.gtol))
     module = NLMEFitModule(estimator, outer, iterations_per_epoch, metadata)
     if checkpoint is not None:
         _check_resumable(cfg.ckpt_path, checkpoint, module)

@@ -113,6 +113,12 @@ class OralEliminationDynamics(OdeDynamics):
         self.step_growth = None if step_growth is None else float(step_growth)
         self.min_step = float(min_step)
 
+    @property
+    def gradient_precision(self) -> float:
+        """0 with the exponential integrator (steps from the event grid alone: the solution is
+        smooth in the parameters), else :attr:`OdeDynamics.gradient_precision`."""
+        return 0.0 if self.exponential else super().gradient_precision
+
     def _step_fractions(self, length: Tensor, since_dose: Tensor | None) -> Tensor:
         """Step lengths of each row as fractions of its segment, ``(B, n)`` (0 past a row's
         last step; detached: they depend on the event grid alone, so the solution stays a
