@@ -150,19 +150,26 @@ def test_warm_start_in_the_flip_flop_mode_is_searched_again_from_zero():
     torch.testing.assert_close(back.eta, cold.eta, rtol=0, atol=1e-6)
 
 
+def _ode_theophylline_modes():
+    """Theophylline with ``OdeDynamics.linear(OneCmtOral)`` (η-derivatives from differences
+    of values): ``(pop, model, joint, options, modes from η = 0)``."""
+    from deepnlme.dynamics import OdeDynamics, OneCmtOral
+
+    pop, model, joint = _theophylline_joint()
+    model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-8)
+    opts = InnerOptions()
+    return pop, model, joint, opts, find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+
+
 @pytest.mark.parametrize("margin", [100.0, 1e-30])
 def test_predicted_newton_steps_are_checked(monkeypatch, margin):
     """ODE dynamics (Hessians from differences of values): Newton steps predicted to converge
     are taken without an evaluation of their own; the evaluation at the modes checks them.
     Predicting every step (a vanishing margin), the misses are caught and searched on: the
     warm search still ends at the cold search's modes."""
-    from deepnlme.dynamics import OdeDynamics, OneCmtOral
     from deepnlme.inference import inner
 
-    pop, model, joint = _theophylline_joint()
-    model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-8)
-    opts = InnerOptions()
-    first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    pop, model, joint, opts, first = _ode_theophylline_modes()
     with torch.no_grad():
         model.tvka.raw += 0.1
         model.tvv.raw -= 0.05
@@ -179,13 +186,9 @@ def test_remembered_convergence_constants_save_an_evaluation(monkeypatch):
     the next search (``rate0``), it lets the first Newton step be taken unchecked where it is
     predicted to converge. That search evaluates less and still ends at the modes (gradient
     below gtol, the cold search's modes)."""
-    from deepnlme.dynamics import OdeDynamics, OneCmtOral
     from deepnlme.inference.joint import NegLogJoint
 
-    pop, model, joint = _theophylline_joint()
-    model.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-8)
-    opts = InnerOptions()
-    first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts)
+    pop, model, joint, opts, first = _ode_theophylline_modes()
     with torch.no_grad():
         model.tvka.raw += 0.02
     second = find_modes(joint, first.eta, pop, options=opts, hessian0=first.hessian)
