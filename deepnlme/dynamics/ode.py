@@ -493,8 +493,8 @@ class OdeDynamics(Dynamics):
         the graph of one evaluation of ``rhs`` shows."""
         if any(w.requires_grad for w in self.parameters()):
             return False
-        n = next(iter(leaves.values())).shape[0]
         like = next(iter(leaves.values()))
+        n = like.shape[0]
         try:
             prepare = getattr(self.rhs, "prepare", None)
             ind = {**indiv, **leaves}

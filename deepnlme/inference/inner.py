@@ -238,9 +238,8 @@ def chord_steps(
             better = better | (finite & unresolved & (gmax_new <= 0.5 * gmax))
         eta[active] = torch.where(better[:, None], trial, eta[active])
         done[active] = better & (gmax_new < options.gtol)
-        if exact:
-            before[active] = torch.where(better & full, gmax, before[active])
         if exact:  # Newton: the exact |H| at the new point
+            before[active] = torch.where(better & full, gmax, before[active])
             keep = better
             updated = absolute_eigenvalues(h_new)
             chol_new, info = torch.linalg.cholesky_ex(updated)
