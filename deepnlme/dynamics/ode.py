@@ -269,11 +269,11 @@ class OdeDynamics(Dynamics):
     @property
     def gradient_precision(self) -> float:
         """Precision of the parameter gradients of an objective built on these solves: with
-        adaptive steps 100·rtol (the steps, chosen anew as the parameters move, leave the
+        adaptive steps 300·rtol (the steps, chosen anew as the parameters move, leave the
         Laplace gradient of Theophylline's 12 subjects near its optimum between 3e-5 and
-        1.5e-4 at rtol 1e-6, however long L-BFGS goes on); 0 for the fixed-step solvers,
-        whose solution is smooth in the parameters."""
-        return 0.0 if self.method in _solvers.FIXED else 100.0 * self.rtol
+        1.5e-4 at rtol 1e-6, however long L-BFGS goes on: twice the largest); 0 for the
+        fixed-step solvers, whose solution is smooth in the parameters."""
+        return 0.0 if self.method in _solvers.FIXED else 300.0 * self.rtol
 
     # ------------------------------------------------------------------ linear models
     @classmethod

