@@ -213,3 +213,28 @@ def test_remembered_convergence_constants_save_an_evaluation(monkeypatch):
     for name in ("without", "with"):
         assert float(runs[name].grad.abs().max()) < opts.gtol
         torch.testing.assert_close(runs[name].eta, cold.eta, rtol=0, atol=1e-5)
+
+
+def test_kept_newton_derivatives_join_the_fresh_ones(monkeypatch):
+    """Damped Newton with derivatives from differences of values: derivatives kept from the
+    evaluation of a step serve the subjects that took it; the others are evaluated, in one
+    batch, and the whole equals an evaluation of every subject; nothing is kept after."""
+    from deepnlme.inference.inner import _KnownDerivatives, value_derivatives
+    from deepnlme.inference.joint import NegLogJoint
+
+    pop, model, joint, opts, first = _ode_theophylline_modes()
+    eta = first.eta + 0.01
+    every = value_derivatives(joint, eta, pop, None, opts)
+    known = _KnownDerivatives(eta)
+    kept = torch.tensor([0, 3, 4, 9])
+    known.keep(kept, *(part[kept] for part in every))
+    calls = []
+    original = NegLogJoint.__call__
+    monkeypatch.setattr(
+        NegLogJoint, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    active = torch.arange(1, len(pop))  # subject 0 no longer active
+    got = known.take(active, pop, None, joint, eta, opts)
+    assert len(calls) == 1 and not bool(known.valid.any())
+    for part, expected in zip(got, every, strict=True):
+        torch.testing.assert_close(part, expected[active], rtol=0, atol=1e-9)
