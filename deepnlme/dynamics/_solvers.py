@@ -103,24 +103,25 @@ _E = (
 _A_NONZERO = tuple(tuple((a, j) for j, a in enumerate(row) if a != 0.0) for row in _A)
 
 
+def _combination(terms: list[tuple[float, Tensor]]) -> tuple[Tensor, float]:
+    """``(k_0 + Σ (c_j/c_0) k_j, c_0)`` for nonzero ``terms`` ``((c_j, k_j), ...)``, so that
+    ``Σ c_j k_j = c_0·(...)``: one operation per term (the solves of a fit are dominated by
+    the number of operations, forwards and backwards, not their size)."""
+    (c0, acc), *rest = terms
+    for c, k in rest:
+        acc = torch.add(acc, k, alpha=c / c0)
+    return acc, c0
+
+
 def _stage_sum(coeffs, ks: list[Tensor]) -> Tensor:
     """``Σ c_j k_j`` over the nonzero coefficients ``coeffs``."""
-    terms = [(c, k) for c, k in zip(coeffs, ks, strict=True) if c != 0.0]
-    (c0, k0), *rest = terms
-    acc = k0 * c0
-    for c, k in rest:
-        acc = torch.add(acc, k, alpha=c)
-    return acc
+    acc, c0 = _combination([(c, k) for c, k in zip(coeffs, ks, strict=True) if c != 0.0])
+    return acc * c0
 
 
 def _stage_state(x: Tensor, hl: Tensor, row, ks: list[Tensor]) -> Tensor:
-    """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`),
-    as ``x + a_0·hl·(k_0 + Σ (a_j/a_0) k_j)``: one operation per term (the solves of a fit
-    are dominated by the number of operations, forwards and backwards, not their size)."""
-    (a0, j0), *rest = row
-    acc = ks[j0]
-    for a, j in rest:
-        acc = torch.add(acc, ks[j], alpha=a / a0)
+    """``x + hl·Σ a_j k_j`` over the nonzero coefficients ``row`` (of :data:`_A_NONZERO`)."""
+    acc, a0 = _combination([(a, ks[j]) for a, j in row])
     return torch.addcmul(x, hl, acc, value=a0)
 
 
@@ -441,10 +442,6 @@ class StepPlan:
     step: Tensor
     last: Tensor
 
-    def rows(self, index: Tensor) -> StepPlan:
-        """The plan of the rows ``index``."""
-        return StepPlan(self.step[index], self.last[index])
-
 
 def _dopri5_grid(
     rhs: Rhs,
@@ -466,7 +463,7 @@ def _dopri5_grid(
     error (RMS of ``err / (atol + rtol·|x|)``) is at most 1. Steps stop only at the ends of
     the smooth pieces (:func:`_pieces`: doses, infusion starts and ends, resets); the states
     at the other segment ends (observations) come from the 4th-order dense output of the step
-    that covers them, all computed together after the last step (:func:`_dense_outputs`).
+    that covers them, computed a window of steps at a time (:class:`_StepRecord`).
     All subjects advance together, one step each per iteration, until the last one is done.
     Rows of one of ``groups`` take the steps of the group's first row (which are those it
     takes alone: a value does not depend on the batch it is evaluated in). Step sizes are not

@@ -7,7 +7,8 @@ Convergence (one rule for both): a fit is converged only when its objective is f
 :data:`~deepnlme.inference.feasibility.INFEASIBLE_LOSS` barrier), the largest gradient entry is
 below ``converged_gtol``, and it stopped for a reason of its own (gradient below ``gtol``, or
 no progress) rather than a budget (``max_iter``, ``max_epochs``). A fit does not start where the
-objective is not finite or there is nothing to fit (:func:`check_start`).
+objective is not finite or there is nothing to fit (:func:`check_start`). A stochastic (VI)
+fit is converged only when its bound has levelled off (:func:`still_rising`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,37 @@ STOP_NOT_FINITE = "non-finite loss"
 STOP_BOUNDARY = "a parameter at a boundary of its domain"
 #: Stops that end a fit at a point where the convergence criterion may hold.
 OWN_STOPS = (STOP_GRADIENT, STOP_NO_PROGRESS)
+
+
+#: A VI fit is still rising when the least-squares slope of its bound over the last epochs
+#: (PLATEAU_SHARE of them, at least PLATEAU_MIN_EPOCHS) exceeds PLATEAU_Z standard errors
+#: and the rise it makes over them exceeds PLATEAU_NATS and PLATEAU_RELATIVE of the bound.
+PLATEAU_SHARE = 0.1
+PLATEAU_MIN_EPOCHS = 10
+PLATEAU_Z = 3.0
+PLATEAU_NATS = 0.1
+PLATEAU_RELATIVE = 1e-4
+#: ``stop_reason`` of a stochastic fit whose bound was still rising at the end.
+STOP_STILL_RISING = "schedule completed with the bound still rising"
+
+
+def still_rising(bounds: list[float]) -> bool:
+    """Whether the per-epoch bounds ``bounds`` (nats) were still rising at the end: a trend
+    over the last epochs beyond its noise and worth more than a tenth of a nat (False with
+    fewer than PLATEAU_MIN_EPOCHS epochs)."""
+    n = max(PLATEAU_MIN_EPOCHS, math.ceil(PLATEAU_SHARE * len(bounds)))
+    if len(bounds) < n:
+        return False
+    y = torch.tensor(bounds[-n:], dtype=torch.float64)
+    x = torch.arange(n, dtype=torch.float64)
+    x = x - x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    residual = y - y.mean() - slope * x
+    se = math.sqrt(float((residual * residual).sum()) / (n - 2) / float((x * x).sum()))
+    rise = slope * n
+    return slope > PLATEAU_Z * se and rise > max(
+        PLATEAU_NATS, PLATEAU_RELATIVE * abs(float(y.mean()))
+    )
 
 
 @dataclass

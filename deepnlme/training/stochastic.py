@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from deepnlme.cli import Interrupted
 from deepnlme.data.population import Population
 from deepnlme.fitted import CHECKPOINT_KEY
+from deepnlme.inference.optimize import STOP_STILL_RISING, still_rising
 from deepnlme.inference.pyro.program import SubjectBatch
 from deepnlme.inference.pyro.saem import save_convergence_plot
 from deepnlme.inference.pyro.vi import NonFiniteObjective
@@ -217,37 +218,6 @@ class SAEMFitModule(pl.LightningModule):
         if SAEM_KEY not in checkpoint:
             raise ValueError("the checkpoint holds no SAEM state: resume it with its own method")
         self.estimator.load_state_dict(checkpoint[SAEM_KEY])
-
-
-#: A VI fit is still rising when the least-squares slope of its bound over the last epochs
-#: (PLATEAU_SHARE of them, at least PLATEAU_MIN_EPOCHS) exceeds PLATEAU_Z standard errors
-#: and the rise it makes over them exceeds PLATEAU_NATS and PLATEAU_RELATIVE of the bound.
-PLATEAU_SHARE = 0.1
-PLATEAU_MIN_EPOCHS = 10
-PLATEAU_Z = 3.0
-PLATEAU_NATS = 0.1
-PLATEAU_RELATIVE = 1e-4
-#: ``stop_reason`` of a stochastic fit whose bound was still rising at the end.
-STOP_STILL_RISING = "schedule completed with the bound still rising"
-
-
-def still_rising(bounds: list[float]) -> bool:
-    """Whether the per-epoch bounds ``bounds`` (nats) were still rising at the end: a trend
-    over the last epochs beyond its noise and worth more than a tenth of a nat (False with
-    fewer than PLATEAU_MIN_EPOCHS epochs)."""
-    n = max(PLATEAU_MIN_EPOCHS, math.ceil(PLATEAU_SHARE * len(bounds)))
-    if len(bounds) < n:
-        return False
-    y = torch.tensor(bounds[-n:], dtype=torch.float64)
-    x = torch.arange(n, dtype=torch.float64)
-    x = x - x.mean()
-    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
-    residual = y - y.mean() - slope * x
-    se = math.sqrt(float((residual * residual).sum()) / (n - 2) / float((x * x).sum()))
-    rise = slope * n
-    return slope > PLATEAU_Z * se and rise > max(
-        PLATEAU_NATS, PLATEAU_RELATIVE * abs(float(y.mean()))
-    )
 
 
 class BoundMonitor(Callback):
