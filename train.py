@@ -163,7 +163,7 @@ def _fit_full_batch(cfg, estimator, fit_pop, dtype, output_dir, metadata, checkp
     summary = {
         **monitor.summary(),
         "fit_seconds": timer.seconds,
-        "warnings": [not_converged] if not_converged else [],
+        "warnings": ([not_converged] if not_converged else []) + monitor.warnings,
     }
     return summary, trace.table()
 

@@ -106,6 +106,7 @@ def fit_ours(model) -> dict:
         "converged": result.converged,
         "grad_max": float(f"{result.grad_max:.3g}"),
         "stop_reason": result.stop_reason,
+        "warnings": result.warnings,
         "estimates": estimates,
     }
 

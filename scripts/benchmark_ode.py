@@ -87,7 +87,7 @@ def naive_nll(model: TwoCmtMMOralModel, eta: torch.Tensor, pop: Population, solv
     p = model.param_values()
     total = -model.eta_log_prior(eta).sum()
     for i in range(len(pop)):
-        ind = {k: v[i : i + 1] for k, v in indiv.items()}
+        ind = two_cmt_mm_rhs.prepare({k: v[i : i + 1] for k, v in indiv.items()})
         dose_t = pop.dose_time[i].tolist()
         events = sorted({*dose_t, *pop.obs_time[i].tolist()})
         x = torch.zeros(1, 3, dtype=eta.dtype, device=eta.device)

@@ -20,17 +20,35 @@ Use: inside :func:`linearizing_solves`, dynamics that support it
 (:class:`deepnlme.dynamics.ode.OdeDynamics`) solve from detached copies of the individual
 parameters and hand out detached amounts (:meth:`SolveLinearization.record`); the per-row
 values built on them are then passed through :meth:`SolveLinearization.attach`.
+
+The same first derivatives predict the values at other parameters without a solve
+(:func:`predicting_solves`): each recorded solve (:class:`SolveTangent`) hands out its amounts
+again, and ``value_p`` becomes ``value_p(amounts) + G_p · (φ_p' - φ_p)`` — exact in everything
+after the solve, first order in the change of the solve's parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 _ACTIVE: list[SolveLinearization] = []
+_PREDICTING: list[SolvePrediction] = []
+
+
+@dataclass
+class SolveTangent:
+    """One solve as :meth:`SolveLinearization.attach` differentiated it: its amounts (detached,
+    rows first), the individual parameters φ it was solved from (detached), and
+    ``G_p = ∂value_p/∂φ_p`` of each row for each of them (``grads``, shaped like ``params``)."""
+
+    amounts: Tensor
+    params: dict[str, Tensor]
+    grads: dict[str, Tensor]
 
 
 class SolveLinearization:
@@ -40,6 +58,7 @@ class SolveLinearization:
         # (solve output with its graph, the detached output handed out, the detached
         # individual parameters it was solved from, the originals) per recorded solve
         self.solves: list[tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+        self.tangents: list[SolveTangent] = []  # the solves attach differentiated
 
     @staticmethod
     def leaves(indiv: Mapping[str, object], n: int) -> dict[str, Tensor] | None:
@@ -70,11 +89,18 @@ class SolveLinearization:
             if c is None:
                 continue
             keys = list(leaves)
-            grads = torch.autograd.grad(out, [leaves[k] for k in keys], c, allow_unused=True)
+            # the cotangent as a product: autograd.grad with grad_outputs imports sympy on its
+            # first call (a third of a second of every process's first fit)
+            contracted = (out * c).sum()
+            grads = torch.autograd.grad(contracted, [leaves[k] for k in keys], allow_unused=True)
+            used = {}
             for k, g in zip(keys, grads, strict=True):
                 if g is not None:
                     phi = originals[k]
                     extra = extra + (g * (phi - phi.detach())).reshape(len(values), -1).sum(-1)
+                    used[k] = g
+            params = {k: leaves[k].detach() for k in used}
+            self.tangents.append(SolveTangent(out.detach(), params, used))
         self.solves = []
         return values + extra
 
@@ -114,3 +140,54 @@ def external_leaves(out: Tensor, leaves: list[Tensor]) -> bool:
             return True
         stack.extend(f for f, _ in node.next_functions)
     return False
+
+
+class SolvePrediction:
+    """The recorded solves of one :func:`predicting_solves` block, handed out in order."""
+
+    def __init__(self, tangents: list[SolveTangent]) -> None:
+        self.tangents = tangents
+        self.taken = 0
+        self.correction: Tensor | float = 0.0  # (N,) Σ G_p · (φ_p' - φ_p) of the solves taken
+
+    def take(self, indiv: Mapping[str, object], n: int, shape: tuple) -> Tensor | None:
+        """The amounts of the next recorded solve in place of a solve of ``n`` rows at the
+        individual parameters ``indiv`` with amounts of ``shape``, its first-order change
+        added to :attr:`correction`; None where it does not match (then nothing is taken)."""
+        if self.taken >= len(self.tangents):
+            return None
+        tangent = self.tangents[self.taken]
+        if tuple(tangent.amounts.shape) != tuple(shape) or any(
+            not isinstance(indiv.get(k), Tensor) or indiv[k].shape != v.shape
+            for k, v in tangent.params.items()
+        ):
+            return None
+        self.taken += 1
+        for k, g in tangent.grads.items():
+            change = (g * (indiv[k].detach() - tangent.params[k])).reshape(n, -1).sum(-1)
+            self.correction = self.correction + change
+        return tangent.amounts
+
+    @property
+    def complete(self) -> bool:
+        """Whether every recorded solve was taken (the prediction is the whole value)."""
+        return self.taken == len(self.tangents) > 0
+
+
+@contextmanager
+def predicting_solves(tangents: list[SolveTangent]) -> Iterator[SolvePrediction]:
+    """Within this block, solves of dynamics that support it are not made: the recorded
+    ``tangents`` (of the same rows, in the same order) hand out their amounts instead and the
+    yielded :class:`SolvePrediction` accumulates the first-order changes of the values
+    (module docstring), to be added to the values built on those amounts."""
+    pred = SolvePrediction(tangents)
+    _PREDICTING.append(pred)
+    try:
+        yield pred
+    finally:
+        _PREDICTING.pop()
+
+
+def predicting() -> SolvePrediction | None:
+    """The innermost open :func:`predicting_solves` block, else None."""
+    return _PREDICTING[-1] if _PREDICTING else None

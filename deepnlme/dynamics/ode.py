@@ -477,9 +477,17 @@ class OdeDynamics(Dynamics):
 
         Inside a :func:`deepnlme.dynamics.linearized.linearizing_solves` block, a solve that
         depends on nothing trainable but per-row individual parameters is recorded there and
-        handed out detached (its gradients then take one reverse pass).
+        handed out detached (its gradients then take one reverse pass); inside a
+        :func:`~deepnlme.dynamics.linearized.predicting_solves` block, a recorded solve of the
+        same rows stands in for the solve.
         """
         self.check_params(indiv)
+        pred = linearized.predicting()
+        if pred is not None:
+            shape = (len(pop), pop.obs_time.shape[1], len(self.compartments))
+            amounts = pred.take(indiv, len(pop), shape)
+            if amounts is not None:
+                return amounts
         lin = linearized.active()
         if lin is not None:
             leaves = lin.leaves(indiv, len(pop))

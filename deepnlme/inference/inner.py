@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from deepnlme.data.population import Population
-from deepnlme.dynamics.linearized import linearizing_solves
+from deepnlme.dynamics.linearized import SolveTangent, linearizing_solves, predicting_solves
 from deepnlme.inference.joint import NegLogJoint
 
 
@@ -77,6 +77,23 @@ class InnerResult:
     # measured by the last step of the search where it could be (NaN elsewhere): find_modes'
     # rate0 of a later search from these modes
     rate: Tensor | None = None
+    # the solves of the evaluation at the modes with their first derivatives, where recorded:
+    # find_modes' tangent0 of a later search from these modes
+    tangent: ModesTangent | None = None
+
+
+@dataclass
+class ModesTangent:
+    """The solves of an evaluation at modes ``eta`` ``(N, K)`` of the subjects ``subjects``
+    ``(N,)`` with their first derivatives (:class:`~deepnlme.dynamics.linearized.SolveTangent`,
+    recorded where the objective's values are linearized in the solves): from them
+    :func:`value_derivatives` predicts l, ∇l and ∇²l at the same η for other parameters
+    without a solve. ``used`` tells whether the last such prediction took them."""
+
+    eta: Tensor
+    subjects: Tensor
+    tangents: list[SolveTangent]
+    used: bool = False
 
 
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
@@ -145,6 +162,7 @@ def chord_steps(
     variance0: Tensor | None,
     options: InnerOptions,
     rate0: Tensor | None = None,
+    tangent0: ModesTangent | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Approach the modes by steps η ← η - B⁻¹ ∇l(η) with a stored curvature ``B = |H₀|``
     (chord method).
@@ -164,6 +182,9 @@ def chord_steps(
     evaluation at the modes that follows checks it (``predicted``). ``c`` (the subject's
     convergence constant) is measured by its last step here, or for the first step taken from
     ``rate0`` ``(N,)`` (NaN: unknown), as :func:`find_modes` measured it in an earlier search.
+    With ``tangent0`` (the solves of the evaluation at ``eta0`` with their derivatives,
+    :class:`ModesTangent`), the derivatives at ``eta0`` are predicted without a solve
+    (:func:`value_derivatives`); a first step from them is kept where it halves the gradient.
     Returns η ``(N, K)``, ``done`` ``(N,)``: the subjects whose gradient is below ``gtol`` (or
     predicted to be), ``predicted`` ``(N,)``: those of them only predicted, and ``before``
     ``(N,)``: the max |gradient| before each subject's last step where that was a full Newton
@@ -181,8 +202,10 @@ def chord_steps(
             return value_derivatives(joint, at, sub, sub_v0, options)
         return *search_value_and_grad(joint, at, sub, sub_v0, options), None
 
+    from_tangent = False
     if exact:
-        f, g, hess = evaluate(eta, pop, variance0)
+        f, g, hess = value_derivatives(joint, eta, pop, variance0, options, tangent=tangent0)
+        from_tangent = tangent0 is not None and tangent0.used
         curvature = absolute_eigenvalues(hess)
     else:
         curvature = absolute_eigenvalues(hessian0.detach())
@@ -235,6 +258,8 @@ def chord_steps(
         if exact:  # also a step that halves the gradient where l cannot resolve its decrease
             expected = -0.5 * (step * g).sum(-1)  # decrease of the quadratic model
             unresolved = expected <= VALUE_NOISE * (1.0 + f.abs())
+            if from_tangent:  # l was predicted, to first order: any step halving the gradient
+                unresolved, from_tangent = torch.ones_like(unresolved), False
             better = better | (finite & unresolved & (gmax_new <= 0.5 * gmax))
         eta[active] = torch.where(better[:, None], trial, eta[active])
         done[active] = better & (gmax_new < options.gtol)
@@ -326,6 +351,8 @@ def value_derivatives(
     hessian: bool = True,
     graph: bool = False,
     jacobians: list | None = None,
+    tangent: ModesTangent | None = None,
+    record: list | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(l, ∂l/∂η, ∂²l/∂η²)`` at η ``(N, K)``: ``(N,)``, ``(N, K)``, ``(N, K, K)`` (None
     without ``hessian``) from values of l alone, all points evaluated as one batch: central
@@ -337,7 +364,11 @@ def value_derivatives(
     first-order reverse pass, no derivative of a derivative. Error ~1e-9 (gradient) and
     ~1e-8 of the largest entry (Hessian) in float64. A list passed as ``jacobians`` receives
     ``(terms, ∂mean/∂η, ∂variance/∂η)`` from the same points (Gaussian residuals; as
-    :meth:`NegLogJoint.gaussian_jacobians_by_differences` with step ``difference_step``)."""
+    :meth:`NegLogJoint.gaussian_jacobians_by_differences` with step ``difference_step``).
+    A ``tangent`` recorded at the same η and subjects (``record`` of an earlier evaluation
+    with ``graph``, at other parameters) predicts the values without solves, to first order
+    in the change of the solves' parameters (``tangent.used`` says whether it served); a
+    list passed as ``record`` receives the :class:`ModesTangent` of this evaluation."""
     n, k = eta.shape
     step, step_h = options.difference_step, options.value_hessian_step
     shifts = _stencil(k, step, step_h, hessian, eta)
@@ -348,10 +379,20 @@ def value_derivatives(
     base = eta if graph else eta.detach()
     # with a graph for l alone, a solve's gradients are taken once (linearized solves)
     separable = linearizing_solves() if graph and jacobians is None else nullcontext()
-    with torch.set_grad_enabled(graph), separable as lin:
+    predict = nullcontext()
+    if tangent is not None:
+        tangent.used = False
+        if not graph and _same(tangent.eta, eta) and _same(tangent.subjects, pop.subject_index):
+            predict = predicting_solves(tangent.tangents)
+    with torch.set_grad_enabled(graph), separable as lin, predict as pred:
         points = (base[None] + shifts[:, None, :]).reshape(-1, k)
         every = joint(points, batch, v0)
         nll = every.nll if lin is None else lin.attach(every.nll)
+        if pred is not None and pred.taken:
+            nll = nll + pred.correction
+            tangent.used = True
+        if record is not None and lin is not None and lin.tangents:
+            record.append(ModesTangent(eta.detach(), pop.subject_index, lin.tangents))
         values = nll.reshape(n_points, n)
         f = values[0]
         grad = ((values[1 : k + 1] - values[k + 1 : 2 * k + 1]) / (2 * step)).T
@@ -371,6 +412,10 @@ def value_derivatives(
         hess[:, j, m] = off.T
         hess[:, m, j] = off.T
     return f, grad, hess
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(a, b.detach()))
 
 
 def search_value_and_grad(
@@ -582,15 +627,18 @@ def _at_modes(
     keep_graph: bool,
     hessian_graph: bool,
     jacobians: bool,
+    record: list | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list | None]:
     """The evaluation of :func:`find_modes` at its modes ``leaf`` ``(N, K)``: l ``(N,)``,
     ∂l/∂η ``(N, K)``, ∂²l/∂η² ``(N, K, K)`` and, with ``jacobians``, a list receiving the
-    Gaussian Jacobians where the evaluation provides them."""
+    Gaussian Jacobians where the evaluation provides them; ``record`` receives its
+    :class:`ModesTangent` where it has one."""
     with torch.enable_grad():
         gaussian = [] if jacobians else None
         if use_values(joint, opts, *leaf.shape):
             nll, grad, hess = value_derivatives(
-                joint, leaf, pop, variance0, opts, graph=keep_graph, jacobians=gaussian
+                joint, leaf, pop, variance0, opts, graph=keep_graph, jacobians=gaussian,
+                record=record,
             )
             if not hessian_graph:
                 hess = hess.detach()
@@ -618,6 +666,7 @@ def find_modes(
     hessian_graph: bool = True,
     jacobians: bool = False,
     rate0: Tensor | None = None,
+    tangent0: ModesTangent | None = None,
 ) -> InnerResult:
     """Minimize l_i(η) for every subject from ``eta0`` ``(N, K)``.
 
@@ -631,7 +680,8 @@ def find_modes(
     objectives only need its value). With ``jacobians``, the result's ``gaussian`` holds the
     Gaussian Jacobians at the modes where the final evaluation provides them (FOCE-type
     objectives; None otherwise). ``rate0`` ``(N,)``: the subjects' convergence constants from
-    an earlier search (``InnerResult.rate``) for :func:`chord_steps`.
+    an earlier search (``InnerResult.rate``) and ``tangent0`` the solves of its evaluation at
+    the modes ``eta0`` (``InnerResult.tangent``), for :func:`chord_steps`.
     """
     opts = options or InnerOptions()
     eta = eta0.detach()
@@ -644,7 +694,7 @@ def find_modes(
     with torch.no_grad(), reusing_steps(joint):
         if hessian0 is not None and opts.chord_iter > 0:
             eta, done, predicted, before = chord_steps(
-                joint, eta, hessian0, pop, v_search, opts, rate0
+                joint, eta, hessian0, pop, v_search, opts, rate0, tangent0
             )
             before = torch.where(done, before, float("nan"))  # moved by Newton steps below
         eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
@@ -653,8 +703,9 @@ def find_modes(
     v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
     for _ in range(2):
         leaf = eta.detach().requires_grad_(True)
+        record: list = []
         nll, grad, hess, gaussian = _at_modes(
-            joint, leaf, pop, v_final, opts, keep_graph, hessian_graph, jacobians
+            joint, leaf, pop, v_final, opts, keep_graph, hessian_graph, jacobians, record
         )
         # steps predicted to converge (chord_steps) that did not: Newton steps, evaluated again
         missed = (
@@ -676,4 +727,5 @@ def find_modes(
     rate = None
     if before is not None:
         rate = torch.where(gmax >= RATE_NOISE, gmax / before**2, float("nan"))
-    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, found, rate)
+    tangent = record[0] if record else None
+    return InnerResult(eta, nll, grad, hess, leaf, n_iter, converged, found, rate, tangent)

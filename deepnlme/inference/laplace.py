@@ -61,6 +61,7 @@ class LaplaceEstimator:
         self._hessian: Tensor | None = None  # (n_subjects, K, K) exact Hessians at the modes
         self._steps = None  # an ODE solver's steps, reused between evaluations (reusing_steps)
         self._rate: Tensor | None = None  # (n_subjects,) convergence constants of the searches
+        self._tangent = None  # the last evaluation's solves at its modes, with derivatives
         self.last_inner = None
 
     # ----------------------------------------------------------- mode memory
@@ -91,6 +92,7 @@ class LaplaceEstimator:
         self._hessian = None
         self._steps = None
         self._rate = None
+        self._tangent = None
 
     # ------------------------------------------------------------- the method
     def _terms(self, pop: Population, warm_start: bool) -> _LaplaceTerms:
@@ -114,6 +116,7 @@ class LaplaceEstimator:
                 hessian_graph=exact,
                 jacobians=not exact,
                 rate0=self._stored_rates(pop) if hessian0 is not None else None,
+                tangent0=self._tangent if hessian0 is not None else None,
             )
         self.last_inner = result
         chol = _pd_cholesky(result.hessian)
@@ -143,6 +146,7 @@ class LaplaceEstimator:
             k = result.eta.shape[-1]
             self._hessian = result.eta.new_full((self._eta_hat.shape[0], k, k), float("nan"))
         self._hessian[pop.subject_index] = result.hessian.detach()
+        self._tangent = result.tangent
         if result.rate is not None:  # measured where it could be; else the last measurement
             if self._rate is None:
                 self._rate = result.eta.new_full((self._eta_hat.shape[0],), float("nan"))

@@ -7,15 +7,18 @@ Convergence (one rule for both): a fit is converged only when its objective is f
 :data:`~deepnlme.inference.feasibility.INFEASIBLE_LOSS` barrier), the largest gradient entry is
 below ``converged_gtol``, and it stopped for a reason of its own (gradient below ``gtol``, or
 no progress) rather than a budget (``max_iter``, ``max_epochs``). A fit does not start where the
-objective is not finite or there is nothing to fit (:func:`check_start`). A stochastic (VI)
-fit is converged only when its bound has levelled off (:func:`still_rising`).
+objective is not finite or there is nothing to fit (:func:`check_start`). A fit stops, not
+converged, where a parameter has run off to a boundary of its domain or is running off to one
+on an objective too flat to determine it (:class:`RunawayWatch`, checked every few
+iterations). A stochastic (VI) fit is converged only when its bound has levelled off
+(:func:`still_rising`). No point is evaluated twice (:class:`MemoizedObjective`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -31,6 +34,8 @@ STOP_MAX_EPOCHS = "max_epochs reached"
 STOP_NOT_FINITE = "non-finite loss"
 #: Not converged: the data do not determine the parameter.
 STOP_BOUNDARY = "a parameter at a boundary of its domain"
+#: Not converged: a parameter moves towards a boundary of its domain on a flat objective.
+STOP_RUNAWAY = "a parameter running off to a boundary of its domain"
 #: Stops that end a fit at a point where the convergence criterion may hold.
 OWN_STOPS = (STOP_GRADIENT, STOP_NO_PROGRESS)
 
@@ -66,6 +71,18 @@ def still_rising(bounds: list[float]) -> bool:
     )
 
 
+#: A free parameter runs off to a boundary of its domain (:class:`RunawayWatch`) when, between
+#: two checks of a fit, the magnitude of its raw (unconstrained) value grew by at least
+#: RUNAWAY_MOVE (a factor e of a positive parameter, towards 0 or infinity) while the objective
+#: fell by less than RUNAWAY_GAIN nats per unit of that growth: its profile towards the
+#: boundary is too flat for the data to determine it (a likelihood-ratio statistic of 0.02
+#: per factor e).
+RUNAWAY_MOVE = 1.0
+RUNAWAY_GAIN = 0.01
+#: L-BFGS iterations between two checks of :func:`fit` (the Lightning fit checks every epoch).
+CHECK_EVERY = 5
+
+
 @dataclass
 class OuterOptions:
     """L-BFGS settings: ``max_iter`` iterations in all, converged when max |∂loss| < ``gtol``."""
@@ -83,11 +100,12 @@ class OuterOptions:
 class FitResult:
     loss: float  # objective at the end (inf where it is not finite)
     n_iter: int
-    n_evals: int
+    n_evals: int  # evaluations of the objective (none repeated: MemoizedObjective)
     grad_max: float
     converged: bool  # see :func:`is_converged`
     seconds: float
     stop_reason: str = ""
+    warnings: list[str] = field(default_factory=list)  # parameters that ran off (RunawayWatch)
 
 
 def is_converged(loss: float, grad_max: float, converged_gtol: float, stop_reason: str) -> bool:
@@ -154,6 +172,75 @@ def trainable(module: torch.nn.Module) -> list[Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+@dataclass
+class _Evaluation:
+    pop: Population
+    at: list[Tensor]  # the trainable parameters' values
+    value: Tensor  # () the objective, detached
+    grads: list[Tensor | None] | None  # its gradient for each parameter (None: not taken)
+
+
+class MemoizedObjective:
+    """An estimator's objective that remembers its last ``size`` evaluations: at parameters
+    evaluated before (exactly, on the same population) the value and gradient come back
+    without a new evaluation.
+
+    A fit evaluates some points twice: L-BFGS evaluates again, at the start of each ``step``
+    call, the point where its last line search ended; the start check (:func:`check_start`),
+    the monitor of a Lightning fit and the end of :func:`fit` evaluate points already
+    evaluated. Each such evaluation costs a whole objective (for an ODE model, a mode search
+    and a solve with its gradient).
+
+    Stands for the estimator in a fit (``model``, ``loss``): :meth:`loss` returns a tensor
+    with the objective's value whose backward pass gives the objective's gradient for the
+    model's trainable parameters, and for nothing else. ``evaluations`` counts the
+    evaluations of the estimator's objective.
+    """
+
+    def __init__(self, estimator, size: int = 4) -> None:
+        self.estimator = estimator
+        self.model = estimator.model
+        self.size = size
+        self.evaluations = 0
+        self._kept: list[_Evaluation] = []
+
+    def _find(self, pop: Population, params: list[Tensor], grads: bool) -> _Evaluation | None:
+        for kept in reversed(self._kept):
+            if (
+                kept.pop is pop
+                and (kept.grads is not None or not grads)
+                and len(kept.at) == len(params)
+                and all(torch.equal(a, p.detach()) for a, p in zip(kept.at, params, strict=True))
+            ):
+                return kept
+        return None
+
+    def loss(self, pop: Population) -> Tensor:
+        """The estimator's ``loss(pop)`` (a scalar): remembered, or evaluated (with its
+        gradient where autograd records) and remembered."""
+        params = trainable(self.model)
+        grads = torch.is_grad_enabled()
+        kept = self._find(pop, params, grads)
+        if kept is None:
+            loss = self.estimator.loss(pop)
+            self.evaluations += 1
+            taken = None
+            if grads:
+                taken = [None] * len(params)
+                if loss.requires_grad:
+                    taken = list(torch.autograd.grad(loss, params, allow_unused=True))
+            kept = _Evaluation(pop, [p.detach().clone() for p in params], loss.detach(), taken)
+            self._kept = [*self._kept[-(self.size - 1) :], kept]
+        if not grads or kept.grads is None:
+            return kept.value
+        # the value, and exactly the kept gradient for every parameter (p·g - detach(p·g))
+        linear = [(p * g).sum() for p, g in zip(params, kept.grads, strict=True) if g is not None]
+        if not linear:
+            return kept.value
+        total = torch.stack(linear).sum()
+        return kept.value + (total - total.detach())
+
+
 def make_lbfgs(params: list[Tensor], options: OuterOptions, max_iter: int | None = None):
     """L-BFGS with strong-Wolfe line search (``max_iter`` iterations per ``step`` call)."""
     return torch.optim.LBFGS(
@@ -217,37 +304,129 @@ def boundary_stop(model, reason: str) -> str:
     return reason
 
 
+class RunawayWatch:
+    """Notices free parameters of a model running off to a boundary of their domain while a
+    fit goes on, long before they reach it: each :meth:`check` compares the constrained
+    parameters' raw values and the objective with those of the previous check
+    (:data:`RUNAWAY_MOVE`, :data:`RUNAWAY_GAIN`). Walking such a parameter out takes an
+    optimizer many iterations (the objective approaches its limit like ``exp(-raw)``), and
+    where its gradient happens to fall below ``gtol`` on the way, the fit would end
+    "converged" at an arbitrary value."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._last: tuple[dict[str, Tensor], float, int] | None = None
+
+    def _free(self) -> dict:
+        from deepnlme.model.domains import Domain, Real
+
+        if not hasattr(self.model, "declared"):
+            return {}
+        return {
+            name: p
+            for name, p in self.model.declared().items()
+            if not p.fixed and type(p.domain) not in (Domain, Real)
+        }
+
+    def check(self, loss: float, n_iter: int) -> list[str]:
+        """One line per parameter that ran off since the previous check (empty: none), at the
+        objective ``loss`` after ``n_iter`` iterations; remembers this point for the next."""
+        free = self._free()
+        now = {name: p.raw.detach().clone() for name, p in free.items()}
+        last, self._last = self._last, (now, loss, n_iter)
+        if last is None or not (feasible(loss) and feasible(last[1])):
+            return []
+        before, loss_before, iter_before = last
+        gain = loss_before - loss
+        out = []
+        for name, raw in now.items():
+            old = before.get(name)
+            if old is None or old.shape != raw.shape or not raw.numel():
+                continue
+            moved = float((raw.abs() - old.abs()).max())
+            if moved < RUNAWAY_MOVE or gain >= RUNAWAY_GAIN * moved:
+                continue
+            p = free[name]
+            with torch.no_grad():
+                now_value, old_value = p.value().detach(), p.domain.to_natural(old)
+            what, now_shown, old_shown = _changed_entries(name, p, now_value, old_value)
+            out.append(
+                f"{what} = {now_shown} is running off to a boundary of its domain "
+                f"({p.domain.describe()}): from {old_shown} over the last "
+                f"{n_iter - iter_before} iterations, while the objective fell by only "
+                f"{max(gain, 0.0):.2g}; the data may not determine it: fix it or simplify "
+                "the model"
+            )
+        return out
+
+
+def _changed_entries(name: str, p, now: Tensor, old: Tensor) -> tuple[str, str, str]:
+    """``(what, now, before)`` for a message: a scalar parameter whole; of a matrix of random
+    effects' covariances the variances that changed by a factor e or more (by η name);
+    otherwise the whole value."""
+    from deepnlme.inference.uncertainty import shown
+    from deepnlme.model.params import RandomEffects
+
+    def text(value: Tensor) -> str:
+        got = shown(value)
+        return got if isinstance(got, str) else "(" + ", ".join(got) + ")"
+
+    if isinstance(p, RandomEffects) and now.dim() == 2:
+        var_now, var_old = now.diagonal(), old.diagonal()
+        moved = (torch.log(var_now / var_old).abs() >= RUNAWAY_MOVE).nonzero()[:, 0].tolist()
+        if moved:
+            names = ", ".join(p.names[i] for i in moved)
+            return f"{name} (variance of η {names})", text(var_now[moved]), text(var_old[moved])
+    return name, text(now), text(old)
+
+
 def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitResult:
-    """Maximize the estimator's objective over the model's trainable parameters.
+    """Maximize the estimator's objective over the model's trainable parameters: L-BFGS,
+    :data:`CHECK_EVERY` iterations at a time, with the stop rules, the boundary check and the
+    :class:`RunawayWatch` in between (``FitResult.warnings`` names a parameter running off).
 
     Raises:
         ObjectiveError: nothing to fit, or the objective is not finite at the start.
     """
     opts = options or OuterOptions()
     opts = replace(opts, gtol=stopping_gtol(estimator, opts.gtol))
-    check_start(estimator, pop)
+    objective = MemoizedObjective(estimator)
+    check_start(objective, pop)
     params = trainable(estimator.model)
-    optimizer = make_lbfgs(params, opts)
-    n_evals = 0
+    optimizer = make_lbfgs(params, opts, max_iter=min(CHECK_EVERY, opts.max_iter))
+    group = optimizer.param_groups[0]
+    watch = RunawayWatch(estimator.model)
 
     def closure() -> Tensor:
-        nonlocal n_evals
         optimizer.zero_grad()
-        loss = estimator.loss(pop)
+        loss = objective.loss(pop)
         loss.backward()
-        n_evals += 1
         return loss
 
+    # L-BFGS CHECK_EVERY iterations at a time (its state carries over; the point where a step
+    # ended is not evaluated again): stop rules, runaway and boundary checks in between
     start = time.perf_counter()
-    optimizer.step(closure)
+    n_iter = n_lbfgs_evals = 0
+    reason, running = "", []
+    with torch.no_grad():
+        watch.check(float(objective.loss(pop)), 0)  # the starting point (remembered)
+    while not reason:
+        group["max_iter"] = min(CHECK_EVERY, opts.max_iter - n_iter)
+        group["max_eval"] = group["max_iter"] * 5 // 4
+        optimizer.step(closure)
+        taken, evaluated = lbfgs_iterations(optimizer), lbfgs_evaluations(optimizer)
+        # own stop: fewer iterations and evaluations than the step allowed
+        own = taken - n_iter < group["max_iter"] and evaluated - n_lbfgs_evals < group["max_eval"]
+        n_iter, n_lbfgs_evals = taken, evaluated
+        value = float(closure().detach())
+        value = value if feasible(value) else math.inf
+        g = grad_max(params)
+        reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, own)
+        running = watch.check(value, n_iter)  # also where another rule stops the fit
+        reason = STOP_RUNAWAY if running else reason
+        reason = boundary_stop(estimator.model, reason)
     seconds = time.perf_counter() - start
-    value = float(closure().detach())
-    value = value if feasible(value) else math.inf
-    g = grad_max(params)
-    n_iter = lbfgs_iterations(optimizer)
-    # L-BFGS also stops when its evaluation budget (1.25 per iteration) is spent: a budget too.
-    own = lbfgs_evaluations(optimizer) < optimizer.param_groups[0]["max_eval"]
-    reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, own) or STOP_MAX_ITER
-    reason = boundary_stop(estimator.model, reason)
     converged = is_converged(value, g, opts.converged_gtol, reason)
-    return FitResult(value, n_iter, n_evals, g, converged, seconds, reason)
+    return FitResult(
+        value, n_iter, objective.evaluations, g, converged, seconds, reason, running
+    )

@@ -170,6 +170,12 @@ def _num(value: float) -> str:
     return format(float(value), ".3g")
 
 
+def shown(value: Tensor) -> str | list[str]:
+    """A parameter's value for a message: 3 significant digits, a list for several."""
+    value = value.detach()
+    return _num(value) if value.numel() == 1 else [_num(v) for v in value.reshape(-1)]
+
+
 def boundary_warnings(model: NLMEModel) -> list[str]:
     """Free constrained parameters whose raw value has run beyond ±:data:`BOUNDARY_RAW`
     (estimates running off to a boundary of their domain: 0, infinity or a bound)."""
@@ -179,10 +185,8 @@ def boundary_warnings(model: NLMEModel) -> list[str]:
             continue
         raw = p.raw.detach()
         if bool((raw.abs() > BOUNDARY_RAW).any()):
-            value = p.value().detach()
-            shown = _num(value) if value.numel() == 1 else [_num(v) for v in value.reshape(-1)]
             out.append(
-                f"{name} = {shown} has run off to a boundary of its domain "
+                f"{name} = {shown(p.value())} has run off to a boundary of its domain "
                 f"({p.domain.describe()}): the data may not determine it; fix it or simplify "
                 "the model"
             )

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from deepnlme.inference.optimize import (
     STOP_MAX_EPOCHS,
+    STOP_RUNAWAY,
+    RunawayWatch,
     boundary_stop,
     check_start,
     is_converged,
@@ -33,7 +36,9 @@ class ConvergenceMonitor(Callback):
     after ``max_iter`` iterations in all, or when L-BFGS stopped on its own within the step
     (fewer iterations and evaluations than the step allows: its tolerance on the change of loss
     or parameters fired; "no progress"), or when a parameter has run off to a boundary of its
-    domain (not converged: the data do not determine it). So a fit split into epochs ends
+    domain or is running off to one (:class:`~deepnlme.inference.optimize.RunawayWatch`, from
+    one epoch to the next; ``warnings`` names it): not converged, the data do not determine
+    it. So a fit split into epochs ends
     where one long L-BFGS run would. Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``,
     ``stop_reason`` and ``converged`` (:func:`~deepnlme.inference.optimize.is_converged`: a
     finite objective, max |gradient| < ``converged_gtol``, and a stop of the optimizer's own;
@@ -51,14 +56,20 @@ class ConvergenceMonitor(Callback):
         self.loglik = -math.inf
         self.converged = False
         self.stop_reason = ""
+        self.warnings: list[str] = []  # parameters running off (RunawayWatch)
         self._checked = False
+        self._watch: RunawayWatch | None = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx
     ) -> None:
         if not self._checked:
-            check_start(pl_module.estimator, batch)
+            check_start(pl_module.objective, batch)
             self._checked = True
+            self._watch = RunawayWatch(pl_module.estimator.model)
+            with torch.no_grad():  # the starting point (remembered from the check)
+                start = float(pl_module.objective.loss(batch))
+            self._watch.check(start, lbfgs_iterations(trainer.optimizers[0]))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
@@ -70,7 +81,7 @@ class ConvergenceMonitor(Callback):
             n_iter - self.n_iter < group["max_iter"] and n_evals - self.n_evals < group["max_eval"]
         )
         self.n_iter, self.n_evals = n_iter, n_evals
-        self.loss, self.loglik, self.grad_max = objective_and_gradient(pl_module.estimator, batch)
+        self.loss, self.loglik, self.grad_max = objective_and_gradient(pl_module.objective, batch)
         pl_module.log_dict(
             {"loss": self.loss, "loglik": self.loglik, "grad_max": self.grad_max},
             prog_bar=True,
@@ -82,6 +93,8 @@ class ConvergenceMonitor(Callback):
         self.stop_reason = stop_reason(
             self.loss, self.grad_max, self.gtol, n_iter, self.max_iter, stopped_itself
         )
+        self.warnings = self._watch.check(self.loss, n_iter)  # also where another rule stops
+        self.stop_reason = STOP_RUNAWAY if self.warnings else self.stop_reason
         self.stop_reason = boundary_stop(pl_module.estimator.model, self.stop_reason)
         self.converged = is_converged(
             self.loss, self.grad_max, self.converged_gtol, self.stop_reason
@@ -112,6 +125,7 @@ class ConvergenceMonitor(Callback):
             "loglik": self.loglik,
             "converged": self.converged,
             "stop_reason": self.stop_reason,
+            "warnings": list(self.warnings),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from deepnlme.data.population import Population
 from deepnlme.fitted import CHECKPOINT_KEY
-from deepnlme.inference.optimize import OuterOptions, make_lbfgs, trainable
+from deepnlme.inference.optimize import MemoizedObjective, OuterOptions, make_lbfgs, trainable
 
 
 class NLMEFitModule(pl.LightningModule):
@@ -38,6 +38,7 @@ class NLMEFitModule(pl.LightningModule):
     ):
         super().__init__()
         self.estimator = estimator
+        self.objective = MemoizedObjective(estimator)  # no point evaluated twice
         self.model = estimator.model
         self.outer = outer or OuterOptions()
         self.iterations_per_epoch = int(iterations_per_epoch)
@@ -47,7 +48,7 @@ class NLMEFitModule(pl.LightningModule):
         return make_lbfgs(trainable(self.model), self.outer, max_iter=self.iterations_per_epoch)
 
     def training_step(self, batch: Population, batch_idx: int) -> Tensor:
-        return self.estimator.loss(batch)
+        return self.objective.loss(batch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.metadata

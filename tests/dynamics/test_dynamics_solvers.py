@@ -247,7 +247,7 @@ def test_adjoint_gradients_of_a_module_rhs(make_pop, make_dose):
 
 def test_reused_steps(make_pop, make_dose):
     """``reusing_steps``: a solve of the subjects solved before, at parameters within 2%, takes
-    the steps chosen then: at the same parameters the very same states, nearby states as
+    the steps chosen then: at the same parameters the same states (to rounding), nearby states as
     accurate as the adaptive solve's (against scipy, over doses, an infusion and a reset),
     with a graph as without; parameters further off choose their own steps. A memory passed
     to a later block carries the steps over; a nested block shares its outer block's."""
@@ -269,7 +269,9 @@ def test_reused_steps(make_pop, make_dose):
     with torch.no_grad(), dyn.reusing_steps(memory), dyn.reusing_steps() as inner:
         carried = dyn(near, pop)
     assert inner is memory
-    assert torch.equal(first, own["base"]) and torch.equal(again, own["base"])
+    # replayed steps: the same states to rounding (the dense output is summed in another order)
+    assert torch.equal(first, own["base"])
+    torch.testing.assert_close(again, own["base"], rtol=1e-13, atol=0.0)
     assert torch.equal(chosen, own["far"])
     assert torch.equal(graph.detach(), reused) and torch.equal(carried, reused)
     assert not torch.equal(reused, own["near"])  # the steps of `base`, not its own

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deepnlme.inference.inner import InnerOptions, absolute_eigenvalues, chord_steps, find_modes
+from deepnlme.inference.joint import NegLogJoint
 from deepnlme.inference.laplace import _logdet
 
 
@@ -238,3 +239,48 @@ def test_kept_newton_derivatives_join_the_fresh_ones(monkeypatch):
     assert len(calls) == 1 and not bool(known.valid.any())
     for part, expected in zip(got, every, strict=True):
         torch.testing.assert_close(part, expected[active], rtol=0, atol=1e-9)
+
+
+def test_values_predicted_from_the_solves_first_derivatives():
+    """An evaluation at the modes with its graph records its solves with their first
+    derivatives (:class:`ModesTangent`); from them l, ∇l and ∇²l at the same η are predicted
+    for other parameters without a solve: exact at the recorded parameters, with an error of
+    second order in the change of parameters (a fixed-step solve: smooth in them). Another η
+    is not predicted."""
+    from deepnlme.inference.inner import value_derivatives
+    from deepnlme.model.zoo.ode_pk import TwoCmtMMOralModel
+
+    pop, _, _ = _theophylline_joint()
+    pop = pop.subset([0, 3, 6, 9])
+    model = TwoCmtMMOralModel(solver={"method": "rk4", "max_step": 0.5})
+    joint = NegLogJoint(model)
+    opts = InnerOptions(gtol=1e-6)
+    eta = find_modes(joint, torch.zeros(len(pop), 3), pop, options=opts).eta
+    record = []
+    with torch.enable_grad():
+        recorded = value_derivatives(joint, eta, pop, None, opts, graph=True, record=record)
+    (tangent,) = record
+    with torch.no_grad():
+        same = value_derivatives(joint, eta, pop, None, opts, tangent=tangent)
+    assert tangent.used
+    for got, want in zip(same, recorded, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-10)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    torch.manual_seed(0)
+    direction = [torch.randn_like(p) for p in params]
+    errors = []
+    for size in (2e-3, 4e-3):
+        with torch.no_grad():
+            for p, p0, d in zip(params, start, direction, strict=True):
+                p.copy_(p0 + size * d)
+            true = value_derivatives(joint, eta, pop, None, opts)
+            predicted = value_derivatives(joint, eta, pop, None, opts, tangent=tangent)
+        assert tangent.used
+        change = (true[1] - recorded[1].detach()).abs().max()
+        errors.append(float((predicted[1] - true[1]).abs().max()))
+        assert errors[-1] < 0.05 * float(change)  # the gradient's change, predicted
+    assert 3.0 < errors[1] / errors[0] < 5.0  # second order
+    with torch.no_grad():
+        value_derivatives(joint, eta + 0.01, pop, None, opts, tangent=tangent)
+    assert not tangent.used

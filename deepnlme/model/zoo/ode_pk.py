@@ -30,19 +30,33 @@ from deepnlme.model.zoo.pk import ResidualErrorMixin
 MM_REQUIRED = ("ka", "vmax", "km", "v", "q", "vp")
 
 
-def two_cmt_mm_rhs(t: Tensor, amounts: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    """Right-hand side above: ``amounts`` ``(N, 3)`` (depot, central, peripheral) -> ``(N, 3)``
-    in amount per time unit; ``p`` holds ``(N,)`` individual parameters."""
-    depot, central, peripheral = amounts.unbind(-1)
-    conc = central / p["v"]
-    absorption = p["ka"] * depot
-    elimination = p["vmax"] * conc / (p["km"] + conc)
-    distribution = p["q"] * (conc - peripheral / p["vp"])
-    return torch.stack([-absorption, absorption - elimination - distribution, distribution], dim=-1)
+class TwoCmtMMRhs:
+    """Right-hand side above, ``rhs(t, amounts, p)``: ``amounts`` ``(N, 3)`` (depot, central,
+    peripheral) -> ``(N, 3)`` in amount per time unit; ``p`` holds ``(N,)`` individual
+    parameters. :meth:`prepare` computes once per solve what does not change within it (the
+    scale from amounts to concentrations): each evaluation takes twelve operations instead of
+    fourteen (a solve's cost, forwards and backwards, is mostly per operation)."""
+
+    def prepare(self, p: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``p`` plus ``"_to_conc"`` ``(N, 3)``: (1, 1/v, 1/vp)."""
+        v = p["v"]
+        return {**p, "_to_conc": torch.stack([torch.ones_like(v), 1.0 / v, 1.0 / p["vp"]], -1)}
+
+    def __call__(self, t: Tensor, amounts: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        to_conc = p["_to_conc"] if "_to_conc" in p else self.prepare(p)["_to_conc"]
+        depot, conc, conc_p = (amounts * to_conc).unbind(-1)
+        absorption = p["ka"] * depot
+        elimination = p["vmax"] * conc / (p["km"] + conc)
+        distribution = p["q"] * (conc - conc_p)
+        out = absorption - (elimination + distribution)
+        return torch.stack([-absorption, out, distribution], dim=-1)
+
+
+two_cmt_mm_rhs = TwoCmtMMRhs()
 
 
 def two_cmt_mm_dynamics(**solver) -> OdeDynamics:
-    """:class:`OdeDynamics` of :func:`two_cmt_mm_rhs` (doses into depot, observed in central);
+    """:class:`OdeDynamics` of :data:`two_cmt_mm_rhs` (doses into depot, observed in central);
     ``solver`` goes to the constructor (method, rtol, atol, max_step, ...)."""
     return OdeDynamics(
         two_cmt_mm_rhs, ("depot", "central", "peripheral"), 1, 2, MM_REQUIRED, **solver
