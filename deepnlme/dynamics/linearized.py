@@ -106,16 +106,22 @@ class SolveLinearization:
 
 
 @contextmanager
+def _opened(blocks: list, block):
+    """``block`` as the innermost of the open ``blocks`` while the context lasts."""
+    blocks.append(block)
+    try:
+        yield block
+    finally:
+        blocks.pop()
+
+
+@contextmanager
 def linearizing_solves() -> Iterator[SolveLinearization]:
     """Within this block, solves of dynamics that support it are recorded (module
     docstring); yields the :class:`SolveLinearization` whose ``attach`` completes the
     values built on them."""
-    lin = SolveLinearization()
-    _ACTIVE.append(lin)
-    try:
+    with _opened(_ACTIVE, SolveLinearization()) as lin:
         yield lin
-    finally:
-        _ACTIVE.pop()
 
 
 def active() -> SolveLinearization | None:
@@ -168,11 +174,6 @@ class SolvePrediction:
             self.correction = self.correction + change
         return tangent.amounts
 
-    @property
-    def complete(self) -> bool:
-        """Whether every recorded solve was taken (the prediction is the whole value)."""
-        return self.taken == len(self.tangents) > 0
-
 
 @contextmanager
 def predicting_solves(tangents: list[SolveTangent]) -> Iterator[SolvePrediction]:
@@ -180,12 +181,8 @@ def predicting_solves(tangents: list[SolveTangent]) -> Iterator[SolvePrediction]
     ``tangents`` (of the same rows, in the same order) hand out their amounts instead and the
     yielded :class:`SolvePrediction` accumulates the first-order changes of the values
     (module docstring), to be added to the values built on those amounts."""
-    pred = SolvePrediction(tangents)
-    _PREDICTING.append(pred)
-    try:
+    with _opened(_PREDICTING, SolvePrediction(tangents)) as pred:
         yield pred
-    finally:
-        _PREDICTING.pop()
 
 
 def predicting() -> SolvePrediction | None:

@@ -504,19 +504,21 @@ class OdeDynamics(Dynamics):
         like = next(iter(leaves.values()))
         n = like.shape[0]
         try:
-            prepare = getattr(self.rhs, "prepare", None)
-            ind = {**indiv, **leaves}
-            ind = prepare(ind) if prepare is not None else ind
+            ind = self._rhs_indiv({**indiv, **leaves})
             out = self.rhs(like.new_zeros(n), like.new_ones(n, len(self.compartments)), ind)
         except Exception:  # noqa: BLE001 (any failure: take the general path)
             return False
         return not linearized.external_leaves(out, list(leaves.values()))
 
+    def _rhs_indiv(self, indiv: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What ``rhs`` receives for ``indiv``: its ``prepare`` of them where it has one."""
+        prepare = getattr(self.rhs, "prepare", None)
+        return prepare(indiv) if prepare is not None else indiv
+
     def _solve(self, indiv: dict[str, Tensor], pop: Population) -> Tensor:
         """The solve of :meth:`forward`: every row's event grid at once."""
         doses = resolve_doses(indiv, pop, self.compartments, self.default_dose_cmt)
-        prepare = getattr(self.rhs, "prepare", None)
-        rhs_indiv = prepare(indiv) if prepare is not None else indiv
+        rhs_indiv = self._rhs_indiv(indiv)
         n_cmt = len(self.compartments)
         dtype = torch.promote_types(doses.amount.dtype, pop.obs_time.dtype)
         onehot = F.one_hot(doses.cmt, n_cmt).to(dtype)  # (N, D, C)

@@ -276,6 +276,18 @@ def lbfgs_evaluations(optimizer: torch.optim.LBFGS) -> int:
     return _lbfgs_count(optimizer, "func_evals")
 
 
+def lbfgs_step_counts(
+    optimizer: torch.optim.LBFGS, n_iter: int, n_evals: int
+) -> tuple[int, int, bool]:
+    """After a ``step`` call that started at ``n_iter`` iterations and ``n_evals``
+    evaluations: ``(iterations, evaluations, stopped_itself)``, the last True where L-BFGS
+    used fewer of both than the step allowed (a tolerance of its own fired)."""
+    group = optimizer.param_groups[0]
+    now_iter, now_evals = lbfgs_iterations(optimizer), lbfgs_evaluations(optimizer)
+    stopped = now_iter - n_iter < group["max_iter"] and now_evals - n_evals < group["max_eval"]
+    return now_iter, now_evals, stopped
+
+
 def objective_and_gradient(estimator, pop: Population) -> tuple[float, float, float]:
     """``(loss, loglik, max |∂loss/∂raw|)`` at the current parameters (fills ``.grad``);
     ``loglik`` is the objective without the log prior of the fixed effects. Where the objective
@@ -317,21 +329,18 @@ class RunawayWatch:
         self.model = model
         self._last: tuple[dict[str, Tensor], float, int] | None = None
 
-    def _free(self) -> dict:
-        from deepnlme.model.domains import Domain, Real
-
-        if not hasattr(self.model, "declared"):
-            return {}
-        return {
-            name: p
-            for name, p in self.model.declared().items()
-            if not p.fixed and type(p.domain) not in (Domain, Real)
-        }
+    def start(self, objective, pop: Population, n_iter: int) -> None:
+        """Record the starting point of a fit (or of a resumed fit) after ``n_iter``
+        iterations: the objective there (of a :class:`MemoizedObjective`: remembered)."""
+        with torch.no_grad():
+            self.check(float(objective.loss(pop)), n_iter)
 
     def check(self, loss: float, n_iter: int) -> list[str]:
         """One line per parameter that ran off since the previous check (empty: none), at the
         objective ``loss`` after ``n_iter`` iterations; remembers this point for the next."""
-        free = self._free()
+        from deepnlme.inference.uncertainty import free_constrained
+
+        free = free_constrained(self.model)
         now = {name: p.raw.detach().clone() for name, p in free.items()}
         last, self._last = self._last, (now, loss, n_iter)
         if last is None or not (feasible(loss) and feasible(last[1])):
@@ -380,6 +389,27 @@ def _changed_entries(name: str, p, now: Tensor, old: Tensor) -> tuple[str, str, 
     return name, text(now), text(old)
 
 
+def stop_after_step(
+    model,
+    watch: RunawayWatch,
+    loss: float,
+    grad: float,
+    gtol: float,
+    n_iter: int,
+    max_iter: int,
+    stopped_itself: bool,
+) -> tuple[str, list[str]]:
+    """Every stop rule after an L-BFGS step (:func:`fit` and the Lightning monitor alike), at
+    the objective ``loss`` with max |gradient| ``grad`` after ``n_iter`` iterations:
+    ``(stop reason or "", warnings naming parameters running off)``. The rules of
+    :func:`stop_reason`; a parameter running off (``watch``) overrides them, and one at a
+    boundary of its domain (:func:`boundary_stop`) overrides all but a non-finite loss."""
+    reason = stop_reason(loss, grad, gtol, n_iter, max_iter, stopped_itself)
+    running = watch.check(loss, n_iter)
+    reason = STOP_RUNAWAY if running else reason
+    return boundary_stop(model, reason), running
+
+
 def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitResult:
     """Maximize the estimator's objective over the model's trainable parameters: L-BFGS,
     :data:`CHECK_EVERY` iterations at a time, with the stop rules, the boundary check and the
@@ -408,23 +438,18 @@ def fit(estimator, pop: Population, options: OuterOptions | None = None) -> FitR
     start = time.perf_counter()
     n_iter = n_lbfgs_evals = 0
     reason, running = "", []
-    with torch.no_grad():
-        watch.check(float(objective.loss(pop)), 0)  # the starting point (remembered)
+    watch.start(objective, pop, 0)
     while not reason:
         group["max_iter"] = min(CHECK_EVERY, opts.max_iter - n_iter)
         group["max_eval"] = group["max_iter"] * 5 // 4
         optimizer.step(closure)
-        taken, evaluated = lbfgs_iterations(optimizer), lbfgs_evaluations(optimizer)
-        # own stop: fewer iterations and evaluations than the step allowed
-        own = taken - n_iter < group["max_iter"] and evaluated - n_lbfgs_evals < group["max_eval"]
-        n_iter, n_lbfgs_evals = taken, evaluated
+        n_iter, n_lbfgs_evals, own = lbfgs_step_counts(optimizer, n_iter, n_lbfgs_evals)
         value = float(closure().detach())
         value = value if feasible(value) else math.inf
         g = grad_max(params)
-        reason = stop_reason(value, g, opts.gtol, n_iter, opts.max_iter, own)
-        running = watch.check(value, n_iter)  # also where another rule stops the fit
-        reason = STOP_RUNAWAY if running else reason
-        reason = boundary_stop(estimator.model, reason)
+        reason, running = stop_after_step(
+            estimator.model, watch, value, g, opts.gtol, n_iter, opts.max_iter, own
+        )
     seconds = time.perf_counter() - start
     converged = is_converged(value, g, opts.converged_gtol, reason)
     return FitResult(

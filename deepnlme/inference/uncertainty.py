@@ -176,13 +176,23 @@ def shown(value: Tensor) -> str | list[str]:
     return _num(value) if value.numel() == 1 else [_num(v) for v in value.reshape(-1)]
 
 
+def free_constrained(model: NLMEModel) -> dict[str, Param]:
+    """The declared parameters of ``model`` that are fitted (not fixed) on a constrained
+    domain (positive, bounded, covariance): those that can run off to a boundary."""
+    if not hasattr(model, "declared"):
+        return {}
+    return {
+        name: p
+        for name, p in model.declared().items()
+        if not p.fixed and type(p.domain) not in (Domain, Real)
+    }
+
+
 def boundary_warnings(model: NLMEModel) -> list[str]:
     """Free constrained parameters whose raw value has run beyond ±:data:`BOUNDARY_RAW`
     (estimates running off to a boundary of their domain: 0, infinity or a bound)."""
     out = []
-    for name, p in model.declared().items():
-        if p.fixed or type(p.domain) in (Domain, Real):
-            continue
+    for name, p in free_constrained(model).items():
         raw = p.raw.detach()
         if bool((raw.abs() > BOUNDARY_RAW).any()):
             out.append(

@@ -8,20 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from deepnlme.inference.optimize import (
     STOP_MAX_EPOCHS,
-    STOP_RUNAWAY,
     RunawayWatch,
-    boundary_stop,
     check_start,
     is_converged,
-    lbfgs_evaluations,
     lbfgs_iterations,
+    lbfgs_step_counts,
     objective_and_gradient,
-    stop_reason,
+    stop_after_step,
 )
 from deepnlme.model.params import RandomEffects
 
@@ -38,11 +35,12 @@ class ConvergenceMonitor(Callback):
     or parameters fired; "no progress"), or when a parameter has run off to a boundary of its
     domain or is running off to one (:class:`~deepnlme.inference.optimize.RunawayWatch`, from
     one epoch to the next; ``warnings`` names it): not converged, the data do not determine
-    it. So a fit split into epochs ends
-    where one long L-BFGS run would. Records ``n_iter``, ``grad_max``, ``loss``, ``loglik``,
-    ``stop_reason`` and ``converged`` (:func:`~deepnlme.inference.optimize.is_converged`: a
-    finite objective, max |gradient| < ``converged_gtol``, and a stop of the optimizer's own;
-    never after ``max_iter`` or ``max_epochs``); its state is saved in checkpoints.
+    it (:func:`~deepnlme.inference.optimize.stop_after_step`, as ``fit`` decides). So a
+    fit split into epochs ends where one long L-BFGS run would. Records ``n_iter``,
+    ``grad_max``, ``loss``, ``loglik``, ``stop_reason`` and ``converged``
+    (:func:`~deepnlme.inference.optimize.is_converged`: a finite objective, max |gradient| <
+    ``converged_gtol``, and a stop of the optimizer's own; never after ``max_iter`` or
+    ``max_epochs``); its state is saved in checkpoints.
     """
 
     def __init__(self, gtol: float, converged_gtol: float, max_iter: int) -> None:
@@ -67,20 +65,15 @@ class ConvergenceMonitor(Callback):
             check_start(pl_module.objective, batch)
             self._checked = True
             self._watch = RunawayWatch(pl_module.estimator.model)
-            with torch.no_grad():  # the starting point (remembered from the check)
-                start = float(pl_module.objective.loss(batch))
-            self._watch.check(start, lbfgs_iterations(trainer.optimizers[0]))
+            self._watch.start(pl_module.objective, batch, lbfgs_iterations(trainer.optimizers[0]))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
-        optimizer = trainer.optimizers[0]
-        n_iter, n_evals = lbfgs_iterations(optimizer), lbfgs_evaluations(optimizer)
-        group = optimizer.param_groups[0]
-        stopped_itself = (
-            n_iter - self.n_iter < group["max_iter"] and n_evals - self.n_evals < group["max_eval"]
+        self.n_iter, self.n_evals, stopped_itself = lbfgs_step_counts(
+            trainer.optimizers[0], self.n_iter, self.n_evals
         )
-        self.n_iter, self.n_evals = n_iter, n_evals
+        n_iter = self.n_iter
         self.loss, self.loglik, self.grad_max = objective_and_gradient(pl_module.objective, batch)
         pl_module.log_dict(
             {"loss": self.loss, "loglik": self.loglik, "grad_max": self.grad_max},
@@ -90,12 +83,10 @@ class ConvergenceMonitor(Callback):
             batch_size=1,
         )
         pl_module.log("n_iter", float(n_iter), on_step=True, on_epoch=False, batch_size=1)
-        self.stop_reason = stop_reason(
-            self.loss, self.grad_max, self.gtol, n_iter, self.max_iter, stopped_itself
+        self.stop_reason, self.warnings = stop_after_step(
+            pl_module.estimator.model, self._watch, self.loss, self.grad_max, self.gtol, n_iter,
+            self.max_iter, stopped_itself,
         )
-        self.warnings = self._watch.check(self.loss, n_iter)  # also where another rule stops
-        self.stop_reason = STOP_RUNAWAY if self.warnings else self.stop_reason
-        self.stop_reason = boundary_stop(pl_module.estimator.model, self.stop_reason)
         self.converged = is_converged(
             self.loss, self.grad_max, self.converged_gtol, self.stop_reason
         )
