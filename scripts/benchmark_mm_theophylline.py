@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from deepnlme.data import load_dataset
 from deepnlme.data.datasets import __file__ as datasets_init
@@ -38,6 +39,13 @@ from deepnlme.model.zoo.ode_pk import TwoCmtMMOralModel
 from deepnlme.model.zoo.pk import TwoCmtOralModel
 
 THEOPHYLLINE_CSV = Path(datasets_init).parent / "theophylline.csv"
+MM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "two_cmt_mm_oral.yaml"
+
+
+def mm_model() -> TwoCmtMMOralModel:
+    """The Michaelis–Menten model with the solver settings of ``model=two_cmt_mm_oral``."""
+    solver = OmegaConf.to_container(OmegaConf.load(MM_CONFIG).solver)
+    return TwoCmtMMOralModel(solver=solver)
 
 #: The Michaelis–Menten model for nlme: fixed effects on the log scale, η on ka, vmax, v
 #: (pdDiag), additive error; starting values are TwoCmtMMOralModel's defaults.
@@ -150,7 +158,7 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])  # its first use imports modules
     rows = {
-        "deepnlme Laplace, two_cmt_mm_oral (ODE, dopri5)": fit_ours(TwoCmtMMOralModel()),
+        "deepnlme Laplace, two_cmt_mm_oral (ODE, dopri5)": fit_ours(mm_model()),
         "deepnlme Laplace, two_cmt_oral (closed form)": fit_ours(
             TwoCmtOralModel(error="additive", init=linear_start())
         ),

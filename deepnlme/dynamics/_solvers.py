@@ -547,12 +547,13 @@ def _dopri5_grid(
                 step_d = torch.where(last, left, plan.step[:, j])
         step = torch.where(last, t_end - t, step_d) if timed else step_d
         hl = step[:, None]
-        times = torch.addcmul(t[:, None], hl, c_vec)  # (N, 5): stages 2-6; t + step last
+        # (N,) each: the times of stages 2-6 (the last one t + step), in one operation
+        times = torch.addcmul(t[:, None], hl, c_vec).unbind(1)
         ks = [k1]
         for j, row in enumerate(_A_NONZERO[:5]):
-            ks.append(g(times[:, j], _stage_state(x, hl, row, ks)))
+            ks.append(g(times[j], _stage_state(x, hl, row, ks)))
         x_new = _stage_state(x, hl, _A_NONZERO[5], ks)
-        t_new = times[:, 4]
+        t_new = times[4]
         ks.append(g(t_new, x_new))
         with torch.no_grad():
             td_new = td + step_d

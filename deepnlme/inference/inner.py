@@ -12,6 +12,7 @@ evaluate only the subjects still moving.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -96,6 +97,40 @@ class ModesTangent:
     used: bool = False
 
 
+@dataclass
+class ModesEvaluation:
+    """The evaluation of :func:`find_modes` at η ``leaf`` ``(N, K)``: l ``(N,)``, ∂l/∂η
+    ``(N, K)``, ∂²l/∂η² ``(N, K, K)`` (with the graphs asked for), the Gaussian Jacobians
+    where asked for and provided (``gaussian``: a list, else None) and ``record``: the
+    :class:`ModesTangent` of its solves where it has one."""
+
+    leaf: Tensor
+    nll: Tensor
+    grad: Tensor
+    hessian: Tensor
+    gaussian: list | None
+    record: list
+    # where the graphs are still to be attached (the values above detached): the call that
+    # attaches them, returning (l, ∂l/∂η, ∂²l/∂η²) with their graphs (:meth:`completed`)
+    pending: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def completed(self) -> ModesEvaluation:
+        """This evaluation with its graphs (attached now where they were pending)."""
+        if self.pending is not None:
+            self.nll, self.grad, self.hessian = self.pending()
+            self.pending = None
+        return self
+
+    def below(self, gtol: float) -> bool:
+        """Whether every subject's max |∂l/∂η| is below ``gtol``."""
+        return bool(_below(self.grad, gtol).all())
+
+
+def _below(grad: Tensor, gtol: float) -> Tensor:
+    """``(N,)``: max |∂l/∂η| of each subject (``grad`` ``(N, K)``) below ``gtol``."""
+    return grad.detach().abs().amax(-1) < gtol
+
+
 def absolute_eigenvalues(hess: Tensor) -> Tensor:
     """|H|: each symmetric ``(K, K)`` matrix of ``(N, K, K)`` with its eigenvalues replaced by
     their absolute values (floored at 1e-10 of the largest): positive definite. Matrices with
@@ -163,7 +198,8 @@ def chord_steps(
     options: InnerOptions,
     rate0: Tensor | None = None,
     tangent0: ModesTangent | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    finish: Callable[[Tensor], ModesEvaluation] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, ModesEvaluation | None]:
     """Approach the modes by steps η ← η - B⁻¹ ∇l(η) with a stored curvature ``B = |H₀|``
     (chord method).
 
@@ -185,10 +221,18 @@ def chord_steps(
     With ``tangent0`` (the solves of the evaluation at ``eta0`` with their derivatives,
     :class:`ModesTangent`), the derivatives at ``eta0`` are predicted without a solve
     (:func:`value_derivatives`); a first step from them is kept where it halves the gradient.
+    With ``finish`` (the evaluation at the modes of :func:`find_modes`, for η ``(N, K)`` of
+    all subjects), a step from exact derivatives whose end is predicted near convergence for
+    every subject still moving (``c·|g|²`` below :data:`FINISH_MARGIN` ``· gtol``) is
+    evaluated by ``finish`` instead of an evaluation of the search: where that ends the
+    search (every subject below ``gtol``), it is the evaluation at the modes, one solve
+    fewer; otherwise its values serve the search as an evaluation of its own would have (a
+    graph built for nothing, a small part of a solve's cost).
     Returns η ``(N, K)``, ``done`` ``(N,)``: the subjects whose gradient is below ``gtol`` (or
-    predicted to be), ``predicted`` ``(N,)``: those of them only predicted, and ``before``
+    predicted to be), ``predicted`` ``(N,)``: those of them only predicted, ``before``
     ``(N,)``: the max |gradient| before each subject's last step where that was a full Newton
-    step with an exact Hessian (NaN otherwise), from which ``c`` is measured at the modes.
+    step with an exact Hessian (NaN otherwise), from which ``c`` is measured at the modes,
+    and the evaluation by ``finish`` where it ended the search (else None).
     """
     eta = eta0.detach().clone()
     scale = _prior_sd(joint)
@@ -251,10 +295,26 @@ def chord_steps(
                 curvature, chol, trial = curvature[rest], chol[rest], trial[rest]
                 full, rate = full[rest], rate[rest]
                 sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-        f_new, g_new, h_new = evaluate(trial, sub, sub_v0)
+        final = None
+        if (  # likely the last step: evaluated as the evaluation at the modes (see above)
+            finish is not None
+            and exact
+            and not from_tangent
+            and rate is not None
+            and bool((full & (rate * gmax**2 < FINISH_MARGIN * options.gtol)).all())
+        ):
+            at = eta.clone()
+            at[active] = trial
+            final = finish(at)
+            f_new, g_new, h_new = (
+                v.detach()[active] for v in (final.nll, final.grad, final.hessian)
+            )
+        else:
+            f_new, g_new, h_new = evaluate(trial, sub, sub_v0)
         gmax_new = g_new.abs().amax(-1)
         finite = torch.isfinite(f_new) & torch.isfinite(g_new).all(-1)
         better = (f_new <= f + 1e-13 * (1.0 + f.abs())) & finite
+        tangent_step = from_tangent
         if exact:  # also a step that halves the gradient where l cannot resolve its decrease
             expected = -0.5 * (step * g).sum(-1)  # decrease of the quadratic model
             unresolved = expected <= VALUE_NOISE * (1.0 + f.abs())
@@ -274,22 +334,31 @@ def chord_steps(
             measured = torch.where(full, gmax_new / gmax**2, float("nan"))
             if rate is not None:  # a gradient below the noise level of differences says little
                 measured = torch.where(gmax_new < RATE_NOISE, rate, measured)
+                if tangent_step:  # a step from predicted derivatives: their error is in it too
+                    measured = torch.where(torch.isnan(rate), measured, rate)
             rate = measured[keep]
         else:  # the stored curvature serves while the gradient at least halves per step
             keep = better & (gmax_new <= 0.5 * gmax)
+        if final is not None and bool(better.all()) and final.below(options.gtol):
+            return eta, done, predicted, before, final
         if not bool(keep.any()):
             break
         curvature, chol = curvature[keep], chol[keep]
         active, f, g = active[keep], f_new[keep], g_new[keep]
         if not bool(keep.all()):
             sub, sub_v0 = _restrict(pop, variance0, active, len(eta))
-    return eta, done, predicted, before
+    return eta, done, predicted, before, None
 
 
 #: Margin of the prediction that a Newton step converges (:func:`chord_steps`): the step is
 #: taken unchecked where ``c·|g|²`` (``c = |g| / |g_before|²`` from the last step) is below
 #: ``gtol`` / this margin.
 PREDICTION_MARGIN = 100.0
+
+#: Margin of the prediction that a step of :func:`chord_steps` ends the search (then
+#: evaluated as the evaluation at the modes): ``c·|g|²`` below this many ``gtol``. Where the
+#: prediction fails, the evaluation still serves the search: a wider margin costs little.
+FINISH_MARGIN = 10.0
 
 #: Gradients below this level (those from differences of values are accurate to ~1e-9) do
 #: not measure a subject's convergence constant (:func:`chord_steps`, :func:`find_modes`).
@@ -353,6 +422,7 @@ def value_derivatives(
     jacobians: list | None = None,
     tangent: ModesTangent | None = None,
     record: list | None = None,
+    later: list | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(l, ∂l/∂η, ∂²l/∂η²)`` at η ``(N, K)``: ``(N,)``, ``(N, K)``, ``(N, K, K)`` (None
     without ``hessian``) from values of l alone, all points evaluated as one batch: central
@@ -368,7 +438,11 @@ def value_derivatives(
     A ``tangent`` recorded at the same η and subjects (``record`` of an earlier evaluation
     with ``graph``, at other parameters) predicts the values without solves, to first order
     in the change of the solves' parameters (``tangent.used`` says whether it served); a
-    list passed as ``record`` receives the :class:`ModesTangent` of this evaluation."""
+    list passed as ``record`` receives the :class:`ModesTangent` of this evaluation. With a
+    list passed as ``later``, the reverse pass of linearized solves waits: the results come
+    back detached, and ``later`` receives the call that attaches their graphs and returns
+    them with those (and fills ``record``); an evaluation that turns out not to be needed
+    then costs no reverse pass."""
     n, k = eta.shape
     step, step_h = options.difference_step, options.value_hessian_step
     shifts = _stencil(k, step, step_h, hessian, eta)
@@ -387,30 +461,50 @@ def value_derivatives(
     with torch.set_grad_enabled(graph), separable as lin, predict as pred:
         points = (base[None] + shifts[:, None, :]).reshape(-1, k)
         every = joint(points, batch, v0)
-        nll = every.nll if lin is None else lin.attach(every.nll)
+        if jacobians is not None and every.mean is not None:
+            jacobians.append(joint.jacobians_from_points(every, n, k, step))
+
+        def attached() -> tuple[Tensor, Tensor, Tensor | None]:
+            """The results with the linearized solves' first derivatives attached."""
+            with torch.enable_grad():
+                nll = lin.attach(every.nll)
+                if record is not None and lin.tangents:
+                    record.append(ModesTangent(eta.detach(), pop.subject_index, lin.tangents))
+                return _from_values(nll.reshape(n_points, n), k, step, step_h, hessian)
+
+        if lin is not None:
+            if later is None or not lin.solves:
+                return attached()
+            later.append(attached)
+            return _from_values(every.nll.detach().reshape(n_points, n), k, step, step_h, hessian)
+        nll = every.nll
         if pred is not None and pred.taken:
             nll = nll + pred.correction
             tangent.used = True
-        if record is not None and lin is not None and lin.tangents:
-            record.append(ModesTangent(eta.detach(), pop.subject_index, lin.tangents))
-        values = nll.reshape(n_points, n)
-        f = values[0]
-        grad = ((values[1 : k + 1] - values[k + 1 : 2 * k + 1]) / (2 * step)).T
-        if jacobians is not None and every.mean is not None:
-            jacobians.append(joint.jacobians_from_points(every, n, k, step))
-        if not hessian:
-            return f, grad, None
-        plus, minus = values[2 * k + 1 : 3 * k + 1], values[3 * k + 1 : 4 * k + 1]
-        diag = (plus - 2.0 * f + minus) / step_h**2  # (K, N)
-        n_pairs = k * (k - 1) // 2
-        pp, pm, mp, mm = values[4 * k + 1 :].reshape(4, n_pairs, n)
-        off = (pp - pm - mp + mm) / (4.0 * step_h**2)  # (pairs, N)
-        j, m = torch.triu_indices(k, k, 1, device=eta.device)
-        d = torch.arange(k, device=eta.device)
-        hess = diag.new_zeros(n, k, k)  # (N, K, K)
-        hess[:, d, d] = diag.T
-        hess[:, j, m] = off.T
-        hess[:, m, j] = off.T
+        return _from_values(nll.reshape(n_points, n), k, step, step_h, hessian)
+
+
+def _from_values(
+    values: Tensor, k: int, step: float, step_h: float, hessian: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(l, ∂l/∂η, ∂²l/∂η²)`` from l at the points of :func:`_stencil`, ``values``
+    ``(P, N)`` (:func:`value_derivatives`)."""
+    n = values.shape[1]
+    f = values[0]
+    grad = ((values[1 : k + 1] - values[k + 1 : 2 * k + 1]) / (2 * step)).T
+    if not hessian:
+        return f, grad, None
+    plus, minus = values[2 * k + 1 : 3 * k + 1], values[3 * k + 1 : 4 * k + 1]
+    diag = (plus - 2.0 * f + minus) / step_h**2  # (K, N)
+    n_pairs = k * (k - 1) // 2
+    pp, pm, mp, mm = values[4 * k + 1 :].reshape(4, n_pairs, n)
+    off = (pp - pm - mp + mm) / (4.0 * step_h**2)  # (pairs, N)
+    j, m = torch.triu_indices(k, k, 1, device=values.device)
+    d = torch.arange(k, device=values.device)
+    hess = diag.new_zeros(n, k, k)  # (N, K, K)
+    hess[:, d, d] = diag.T
+    hess[:, j, m] = off.T
+    hess[:, m, j] = off.T
     return f, grad, hess
 
 
@@ -583,6 +677,15 @@ class _KnownDerivatives:
         return out
 
 
+def far_modes(joint: NegLogJoint, eta: Tensor, options: InnerOptions) -> Tensor:
+    """Indices of the modes ``eta`` ``(N, K)`` beyond ``restart_sd`` prior SDs (none where
+    ``restart_sd`` is None or the model has no η)."""
+    scale = _prior_sd(joint)
+    if options.restart_sd is None or scale is None:
+        return torch.zeros(0, dtype=torch.long, device=eta.device)
+    return ((eta / scale).abs().amax(-1) > options.restart_sd).nonzero()[:, 0]
+
+
 def restart_far(
     joint: NegLogJoint,
     eta: Tensor,
@@ -594,10 +697,7 @@ def restart_far(
     """Modes ``eta`` ``(N, K)`` beyond ``restart_sd`` prior SDs, searched again from η = 0:
     where that search ends at a lower l, its mode (and its ``stalled`` flag ``(N,)``) replaces
     the first. Returns η ``(N, K)`` and ``stalled``."""
-    scale = _prior_sd(joint)
-    if options.restart_sd is None or scale is None:
-        return eta, stalled
-    far = ((eta / scale).abs().amax(-1) > options.restart_sd).nonzero()[:, 0]
+    far = far_modes(joint, eta, options)
     if not far.numel():
         return eta, stalled
     sub, sub_v0 = _restrict(pop, variance0, far, eta.shape[0])
@@ -627,19 +727,25 @@ def _at_modes(
     keep_graph: bool,
     hessian_graph: bool,
     jacobians: bool,
-    record: list | None = None,
-) -> tuple[Tensor, Tensor, Tensor, list | None]:
+    defer: bool = False,
+) -> ModesEvaluation:
     """The evaluation of :func:`find_modes` at its modes ``leaf`` ``(N, K)``: l ``(N,)``,
-    ∂l/∂η ``(N, K)``, ∂²l/∂η² ``(N, K, K)`` and, with ``jacobians``, a list receiving the
-    Gaussian Jacobians where the evaluation provides them; ``record`` receives its
-    :class:`ModesTangent` where it has one."""
+    ∂l/∂η ``(N, K)``, ∂²l/∂η² ``(N, K, K)``, with ``jacobians`` the Gaussian Jacobians where
+    the evaluation provides them, and its :class:`ModesTangent` where it has one. With
+    ``defer``, graphs whose reverse pass can wait are left pending
+    (:meth:`ModesEvaluation.completed`)."""
+    record: list = []
+    pending = None
     with torch.enable_grad():
         gaussian = [] if jacobians else None
         if use_values(joint, opts, *leaf.shape):
+            later: list | None = [] if defer else None
             nll, grad, hess = value_derivatives(
                 joint, leaf, pop, variance0, opts, graph=keep_graph, jacobians=gaussian,
-                record=record,
+                record=record, later=later,
             )
+            if later:
+                pending = later[0] if hessian_graph else _hessian_detached(later[0])
             if not hessian_graph:
                 hess = hess.detach()
         elif use_differences(joint, opts):
@@ -652,7 +758,17 @@ def _at_modes(
             nll, grad, hess = joint.exact_hessian(
                 leaf, pop, variance0, create_graph=keep_graph and hessian_graph
             )
-    return nll, grad, hess, gaussian
+    return ModesEvaluation(leaf, nll, grad, hess, gaussian, record, pending)
+
+
+def _hessian_detached(attach: Callable[[], tuple]) -> Callable[[], tuple]:
+    """``attach`` (of :func:`value_derivatives`' ``later``) with its Hessian detached."""
+
+    def attached() -> tuple[Tensor, Tensor, Tensor]:
+        nll, grad, hess = attach()
+        return nll, grad, hess.detach()
+
+    return attached
 
 
 def find_modes(
@@ -690,27 +806,37 @@ def find_modes(
         empty = torch.zeros(0, dtype=torch.bool, device=eta.device)
         return InnerResult(eta, eta.new_zeros(0), eta, eta.new_zeros(0, k, k), eta, 0, empty)
     v_search = None if variance0 is None else variance0.detach()
-    done = predicted = before = None
+    v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
+
+    def evaluate_at(at: Tensor, defer: bool = False) -> ModesEvaluation:
+        leaf = at.detach().requires_grad_(True)
+        return _at_modes(
+            joint, leaf, pop, v_final, opts, keep_graph, hessian_graph, jacobians, defer
+        )
+
+    def finish(at: Tensor) -> ModesEvaluation:  # chord_steps' evaluation ending the search
+        return evaluate_at(at, defer=True)
+
+    warm = bool(eta0.detach().abs().max() > 0)
+    done = predicted = before = final = None
+    n_iter, stalled = 0, torch.zeros(eta.shape[0], dtype=torch.bool, device=eta.device)
     with torch.no_grad(), reusing_steps(joint):
         if hessian0 is not None and opts.chord_iter > 0:
-            eta, done, predicted, before = chord_steps(
-                joint, eta, hessian0, pop, v_search, opts, rate0, tangent0
+            eta, done, predicted, before, final = chord_steps(
+                joint, eta, hessian0, pop, v_search, opts, rate0, tangent0, finish
             )
             before = torch.where(done, before, float("nan"))  # moved by Newton steps below
-        eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
-        if bool(eta0.detach().abs().max() > 0):  # warm-started: far modes get a second look
-            eta, stalled = restart_far(joint, eta, stalled, pop, v_search, opts)
-    v_final = variance0 if keep_graph or variance0 is None else variance0.detach()
+        if final is not None and warm and far_modes(joint, eta, opts).numel():
+            final = None  # a far mode is searched again (restart_far)
+        if final is None:
+            eta, n_iter, stalled = newton_steps(joint, eta, pop, v_search, opts, done)
+            if warm:  # warm-started: far modes get a second look
+                eta, stalled = restart_far(joint, eta, stalled, pop, v_search, opts)
     for _ in range(2):
-        leaf = eta.detach().requires_grad_(True)
-        record: list = []
-        nll, grad, hess, gaussian = _at_modes(
-            joint, leaf, pop, v_final, opts, keep_graph, hessian_graph, jacobians, record
-        )
+        if final is None:
+            final = evaluate_at(eta)
         # steps predicted to converge (chord_steps) that did not: Newton steps, evaluated again
-        missed = (
-            None if predicted is None else predicted & (grad.detach().abs().amax(-1) >= opts.gtol)
-        )
+        missed = None if predicted is None else predicted & ~_below(final.grad, opts.gtol)
         if missed is None or not bool(missed.any()):
             break
         with torch.no_grad(), reusing_steps(joint):
@@ -718,7 +844,11 @@ def find_modes(
         n_iter += more
         stalled = stalled | stalled_more
         before = torch.where(missed, float("nan"), before)
-        predicted = None
+        predicted = final = None
+    final = final.completed()
+    leaf, nll, grad, hess, gaussian, record = (
+        final.leaf, final.nll, final.grad, final.hessian, final.gaussian, final.record
+    )
     if not keep_graph:
         nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
     gmax = grad.detach().abs().amax(-1)

@@ -36,11 +36,25 @@ class PopulationDataModule(pl.LightningDataModule):
         super().__init__()
         self.population = population
         self.dtype = dtype
+        self._served: Population | None = None
 
     def train_dataloader(self) -> SingleBatch:
         return SingleBatch(self.population)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
         if isinstance(batch, Population):
-            return batch.to(device, dtype=self.dtype)
+            return self.served(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def served(self, device: torch.device) -> Population:
+        """The population on ``device`` (and ``dtype``): one object for every epoch.
+
+        Lightning hands each epoch a deep copy of the batch (a dataclass); serving the same
+        object instead keeps what the population caches (its event grids) and lets a fit
+        recognize the points it has evaluated (:class:`~deepnlme.inference.optimize.
+        MemoizedObjective`): the point where one epoch's L-BFGS step ended is where the next
+        one starts.
+        """
+        if self._served is None or self._served.device != torch.device(device):
+            self._served = self.population.to(device, dtype=self.dtype)
+        return self._served

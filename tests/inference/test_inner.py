@@ -69,9 +69,10 @@ def test_chord_steps_stop_subjects_that_do_not_improve():
     first = find_modes(joint, torch.zeros(len(pop), 3), pop, options=InnerOptions(gtol=1e-8))
     with torch.no_grad():
         model.tvcl.raw += 0.2
-    eta, done, predicted, before = chord_steps(
+    eta, done, predicted, before, final = chord_steps(
         joint, first.eta, 1e-6 * first.hessian, pop, None, InnerOptions()
     )
+    assert final is None
     assert not bool(done.any()) and not bool(predicted.any())
     assert bool(before.isnan().all())  # no Newton step taken
     torch.testing.assert_close(eta, first.eta, rtol=0, atol=0)
@@ -214,6 +215,63 @@ def test_remembered_convergence_constants_save_an_evaluation(monkeypatch):
     for name in ("without", "with"):
         assert float(runs[name].grad.abs().max()) < opts.gtol
         torch.testing.assert_close(runs[name].eta, cold.eta, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("margin", "change"), [(10.0, 1e-4), (1e30, 1e-2)])
+def test_a_step_predicted_to_end_the_search_is_the_evaluation_at_the_modes(
+    monkeypatch, margin, change
+):
+    """ODE dynamics: a Newton step predicted to end the search near convergence is evaluated
+    as the evaluation at the modes (its solves' reverse pass waiting until it is the one):
+    one solve fewer, and the same modes, values, derivatives and gradients as a search that
+    evaluates the step first. Evaluating every step so (a huge margin), the misses serve the
+    search as its own evaluations did, each search still takes one reverse pass through its
+    solves, and the results are the same."""
+    from deepnlme.dynamics.linearized import SolveLinearization
+    from deepnlme.inference import inner
+    from deepnlme.inference.joint import NegLogJoint
+
+    pop, model, joint, opts, first = _ode_theophylline_modes()
+    with torch.no_grad():
+        model.tvka.raw += 0.02
+    second = find_modes(joint, first.eta, pop, options=opts, hessian0=first.hessian)
+    with torch.no_grad():
+        model.tvv.raw += change  # 1e-4: a step predicted to end within 10·gtol; 1e-2: misses
+    calls, passes = [], []
+    original, attach = NegLogJoint.__call__, SolveLinearization.attach
+    monkeypatch.setattr(
+        NegLogJoint, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        SolveLinearization, "attach", lambda self, v: passes.append(1) or attach(self, v)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    runs = {}
+    for name, finish_margin in (("evaluated", 0.0), ("finished", margin)):
+        monkeypatch.setattr(inner, "FINISH_MARGIN", finish_margin)
+        calls.clear()
+        passes.clear()
+        with inner.reusing_steps(joint):  # one step sequence for all solves (as a fit has)
+            run = find_modes(
+                joint, second.eta, pop, options=opts, hessian0=second.hessian,
+                rate0=second.rate, keep_graph=True,
+            )
+        total = run.nll.sum() + run.grad.sum() + run.hessian.sum()
+        runs[name] = (run, torch.autograd.grad(total, params), len(calls), len(passes))
+    (plain, plain_grads, plain_calls, _), (fast, fast_grads, fast_calls, fast_passes) = (
+        runs["evaluated"], runs["finished"]
+    )
+    if margin == 10.0:
+        assert fast_calls == plain_calls - 1
+    assert fast_passes == 1
+    assert bool(fast.converged.all()) and float(fast.grad.detach().abs().max()) < opts.gtol
+    torch.testing.assert_close(fast.eta, plain.eta, rtol=0, atol=1e-9)
+    for got, want in zip(
+        (fast.nll, fast.grad, fast.hessian, *fast_grads),
+        (plain.nll, plain.grad, plain.hessian, *plain_grads),
+        strict=True,
+    ):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-9, atol=1e-9)
 
 
 def test_kept_newton_derivatives_join_the_fresh_ones(monkeypatch):

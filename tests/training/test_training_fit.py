@@ -3,6 +3,8 @@ checkpoint is plain data and reloads into a FittedModel that predicts and simula
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -142,6 +144,30 @@ def test_datamodule_moves_and_casts_the_population():
     assert moved.obs_dv.dtype == torch.float64
     assert moved.obs_cmt.dtype == torch.long
     assert moved.ids == pop.ids
+    # Lightning hands each epoch a copy of the batch: every epoch is served the same object
+    copy = dataclasses.replace(pop)
+    assert dm.transfer_batch_to_device(copy, torch.device("cpu"), 0) is moved
+
+
+def test_a_lightning_fit_evaluates_no_point_twice():
+    """Where one epoch's L-BFGS step ends, the next one starts: that point (and the
+    monitor's, and the start check's) is remembered, not evaluated again."""
+    from tests.inference.linear_model import RandomSlopeModel, random_slope_population
+    from tests.inference.test_fit_loop import Counting
+
+    pop = random_slope_population(n=8, seed=3)
+    estimator = Counting(RandomSlopeModel())
+    outer = OuterOptions()
+    monitor = ConvergenceMonitor(outer.gtol, outer.converged_gtol, outer.max_iter)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="64-true", max_epochs=100, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[monitor],
+    )
+    trainer.fit(NLMEFitModule(estimator, outer, 4), datamodule=PopulationDataModule(pop))
+    assert monitor.converged and trainer.current_epoch > 2
+    distinct = {tuple(p.tolist()) for p in estimator.points}
+    assert len(distinct) == len(estimator.points)
 
 
 def test_training_step_is_the_estimator_loss():
