@@ -744,31 +744,16 @@ def _at_modes(
                 joint, leaf, pop, variance0, opts, graph=keep_graph, jacobians=gaussian,
                 record=record, later=later,
             )
-            if later:
-                pending = later[0] if hessian_graph else _hessian_detached(later[0])
-            if not hessian_graph:
-                hess = hess.detach()
+            pending = later[0] if later else None
         elif use_differences(joint, opts):
             nll, grad, hess = difference_hessian(
                 joint, leaf, pop, variance0, opts.difference_step, create_graph=keep_graph
             )
-            if not hessian_graph:
-                hess = hess.detach()
         else:
             nll, grad, hess = joint.exact_hessian(
                 leaf, pop, variance0, create_graph=keep_graph and hessian_graph
             )
     return ModesEvaluation(leaf, nll, grad, hess, gaussian, record, pending)
-
-
-def _hessian_detached(attach: Callable[[], tuple]) -> Callable[[], tuple]:
-    """``attach`` (of :func:`value_derivatives`' ``later``) with its Hessian detached."""
-
-    def attached() -> tuple[Tensor, Tensor, Tensor]:
-        nll, grad, hess = attach()
-        return nll, grad, hess.detach()
-
-    return attached
 
 
 def find_modes(
@@ -850,7 +835,9 @@ def find_modes(
         final.leaf, final.nll, final.grad, final.hessian, final.gaussian, final.record
     )
     if not keep_graph:
-        nll, grad, hess = nll.detach(), grad.detach(), hess.detach()
+        nll, grad = nll.detach(), grad.detach()
+    if not (keep_graph and hessian_graph):
+        hess = hess.detach()
     gmax = grad.detach().abs().amax(-1)
     converged = (gmax < opts.gtol) | (stalled & (gmax < opts.gtol * 1e3))
     found = gaussian[0] if gaussian else None
